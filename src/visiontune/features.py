@@ -1,0 +1,131 @@
+"""Fixed-extractor mode: backbone features computed once, cached on disk.
+
+A frozen backbone in eval mode is a pure function of its input image, so
+running it every epoch (as the tutorial's fixed scenario does) recomputes the
+same numbers. Here every image is passed through the backbone once per view:
+view 0 is the un-augmented eval crop, views 1..K-1 are random crops+flips drawn
+from a generator seeded by (seed, view, file), so a view is the same whichever
+order or run computes it. Each epoch draws one view per training image.
+
+The cache is one file per (backbone, weights, preprocessing, view, seed),
+mapping file identity (path, size, mtime) -> feature vector; an edited file
+misses its entry and is extracted again, the rest are reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .images import atomic_save_npy, file_identity
+from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
+
+
+def pooled_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """What the classifier sees: the backbone's pooled pre-logits features."""
+    return model.forward_head(model.forward_features(inputs), pre_logits=True)
+
+
+def _seed_for(seed: int, view: int, identity: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}|{view}|{identity}".encode()).digest()[:8], "little") >> 1
+
+
+class FeatureCache:
+    def __init__(self, directory: Path, model_key: dict):
+        self.directory = Path(directory) / "features"
+        self.model_key = json.dumps(model_key, sort_keys=True)
+
+    def _file(self, view: int, seed: int) -> Path:
+        augmented_seed = seed if view > 0 else None  # view 0 has no randomness
+        digest = hashlib.sha256(f"{self.model_key}|{view}|{augmented_seed}|v1".encode()).hexdigest()
+        return self.directory / f"{digest}.npz"
+
+    def load(self, view: int, seed: int) -> dict[str, np.ndarray]:
+        path = self._file(view, seed)
+        if not path.is_file():
+            return {}
+        try:
+            with np.load(path) as data:
+                return dict(zip(data["identities"].tolist(), data["features"]))
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    def save(self, view: int, seed: int, entries: dict[str, np.ndarray]) -> None:
+        path = self._file(view, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        identities = np.array(sorted(entries))
+        features = np.stack([entries[i] for i in identities.tolist()])
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, identities=identities, features=features)
+        tmp.replace(path)
+
+
+def extract_features(
+    model: nn.Module,
+    paths: list[Path],
+    decode: Callable[[Path], np.ndarray],
+    pre: Preprocessing,
+    views: int,
+    seed: int,
+    cache: FeatureCache | None,
+    batch_size: int = 64,
+    channels_last: bool = True,
+    progress: Callable[[Iterator, int, str], Iterator] = lambda it, total, desc: it,
+) -> torch.Tensor:
+    """Features [views, len(paths), dim] in eval mode; cached entries are reused."""
+    model.eval()
+    eval_tf, train_tf = EvalTransform(pre), TrainTransform(pre)
+    identities = [file_identity(p) for p in paths]
+    per_view = []
+    for view in range(views):
+        known = cache.load(view, seed) if cache else {}
+        missing = [i for i, ident in enumerate(identities) if ident not in known]
+        computed = {}
+        batches = range(0, len(missing), batch_size)
+        for start in progress(iter(batches), len(batches), f"features view {view}"):
+            chunk = missing[start : start + batch_size]
+            images = []
+            for i in chunk:
+                if view == 0:
+                    images.append(eval_tf(decode(paths[i])))
+                else:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(_seed_for(seed, view, identities[i]))
+                        images.append(train_tf(decode(paths[i])))
+            with torch.inference_mode():
+                feats = pooled_features(model, normalize_batch(torch.stack(images), pre, channels_last))
+            for i, f in zip(chunk, feats.float().numpy()):
+                computed[identities[i]] = f
+        if cache and computed:
+            cache.save(view, seed, {**known, **computed})
+        table = {**known, **computed}
+        per_view.append(torch.from_numpy(np.stack([table[ident] for ident in identities])))
+    return torch.stack(per_view)
+
+
+class FeatureBatches:
+    """Shuffled mini-batches of (features, label); each epoch draws one view per sample."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
+                 shuffle: bool = True):
+        self.features, self.labels = features, labels
+        self.batch_size, self.generator, self.shuffle = batch_size, generator, shuffle
+
+    def __len__(self) -> int:
+        return (self.labels.shape[0] + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        n = self.labels.shape[0]
+        # Same sampler as the image DataLoader, so both paths see the same order.
+        order = torch.tensor(list(torch.utils.data.RandomSampler(range(n), generator=self.generator))) if self.shuffle else torch.arange(n)
+        views = self.features.shape[0]
+        chosen = torch.randint(views, (n,), generator=self.generator) if views > 1 else torch.zeros(n, dtype=torch.long)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self.features[chosen[idx], idx], self.labels[idx]

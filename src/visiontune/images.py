@@ -1,0 +1,132 @@
+"""Decoding images to RGB at the size the model needs, and the decode cache.
+
+Large photos are decoded with Pillow's JPEG draft mode: libjpeg's DCT scaling
+decodes directly at 1/2, 1/4 or 1/8 scale, never below the size the transform
+needs, which is several times cheaper than a full decode followed by a resize.
+The result (shorter side = the transform's resize size, uint8 RGB) is stored
+once per file in a disk cache, so later epochs and later runs only crop, flip
+and normalise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparent pixels become white, not black."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        high = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array * (255.0 / high), 0, 255).round().astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the shorter side = short_side, as torchvision's Resize(int) computes it."""
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+def decode_rgb(path: str | Path, short_side: int | None = None, interpolation: str = "bicubic") -> Image.Image:
+    """Open `path`, apply EXIF orientation, convert to RGB, optionally resize the shorter side."""
+    with Image.open(path) as image:
+        if short_side is not None and image.format == "JPEG":
+            # Ask libjpeg for the smallest DCT scale that keeps both sides at or
+            # above the target; EXIF rotation may swap sides, so use the short one.
+            w, h = image.size
+            scale = short_side / min(w, h)
+            image.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        rgb = _to_rgb(image)
+    if short_side is not None:
+        size = resized_shape(*rgb.size, short_side)
+        if size != rgb.size:
+            rgb = rgb.resize(size, _RESAMPLE[interpolation])
+    return rgb
+
+
+def decode_array(path: str | Path, short_side: int, interpolation: str = "bicubic") -> np.ndarray:
+    """HWC uint8 RGB array, shorter side = short_side."""
+    return np.asarray(decode_rgb(path, short_side, interpolation), dtype=np.uint8)
+
+
+def file_identity(path: str | Path) -> str:
+    """What makes a cached result of this file valid: its absolute path, size and mtime."""
+    p = Path(path)
+    st = p.stat()
+    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("VISIONTUNE_CACHE"):
+        return Path(os.environ["VISIONTUNE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "visiontune"
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Write then rename, so a concurrent or killed run never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class DecodeCache:
+    """Decoded, resized uint8 images on disk, one memory-mapped .npy per source file.
+
+    Entries are keyed by file identity (path, size, mtime), resize size and
+    interpolation, so an edited file is decoded again. Past `max_bytes` of new
+    entries in this process, images are decoded on every access instead
+    (streaming), so a huge data set cannot fill the disk.
+    """
+
+    def __init__(self, short_side: int, interpolation: str = "bicubic", directory: Path | None = None,
+                 max_bytes: int = 8 << 30):
+        self.short_side = short_side
+        self.interpolation = interpolation
+        self.directory = (directory or default_cache_dir()) / "decoded"
+        self.max_bytes = max_bytes
+        self.bytes_written = 0
+
+    def _entry(self, path: str | Path) -> Path:
+        key = hashlib.sha256(f"{file_identity(path)}|{self.short_side}|{self.interpolation}|v1".encode()).hexdigest()
+        return self.directory / key[:2] / f"{key}.npy"
+
+    def __call__(self, path: str | Path) -> np.ndarray:
+        entry = self._entry(path)
+        if entry.is_file():
+            try:
+                return np.load(entry, mmap_mode="r")
+            except (ValueError, OSError):
+                entry.unlink(missing_ok=True)  # damaged entry: decode again
+        array = decode_array(path, self.short_side, self.interpolation)
+        if self.bytes_written + array.nbytes <= self.max_bytes:
+            try:
+                atomic_save_npy(entry, array)
+                self.bytes_written += array.nbytes
+            except OSError:
+                self.max_bytes = 0  # cache folder not writable: stream from now on
+        return array

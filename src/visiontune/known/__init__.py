@@ -1,0 +1,1 @@
+"""Known data sets: found locally or downloaded from their official address and verified."""

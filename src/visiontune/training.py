@@ -1,0 +1,317 @@
+"""`train()`: data -> model -> epochs of train/val -> a run folder. Reads top to bottom."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import backbones, checkpoint
+from .config import TrainConfig
+from .data import ImageDataset, Splits, discover
+from .engine import EpochStats, evaluate, is_better, train_one_epoch
+from .errors import UsageError
+from .features import FeatureBatches, FeatureCache, extract_features
+from .images import DecodeCache, decode_array, default_cache_dir
+from .known.datasets import resolve_dataset
+from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
+
+METRICS_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+@dataclass
+class Run:
+    """What `train()` returns: the run folder and its results, with the best weights loaded."""
+
+    path: Path
+    config: TrainConfig
+    classes: list[str]
+    metrics: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_acc: float = 0.0
+    best_val_loss: float = math.inf
+    model: nn.Module | None = None
+    seconds: float = 0.0
+
+
+def train(data: str | Path, **settings) -> Run:
+    """Fine-tune (mode="finetune") or train a new head on a fixed backbone (mode="fixed").
+
+    `settings` are the fields of `TrainConfig` (epochs, lr, batch_size, model, out, seed, ...).
+    """
+    unknown = set(settings) - set(TrainConfig.field_names())
+    if unknown:
+        raise UsageError(f"train() got unknown setting(s) {', '.join(sorted(unknown))}; see visiontune.TrainConfig.")
+    return run_training(TrainConfig(data=str(data), **settings).resolved())
+
+
+def resolve_data(cfg: TrainConfig) -> Splits:
+    root = resolve_dataset(cfg.data) or Path(cfg.data)
+    return discover(root, val_fraction=cfg.val_fraction, seed=cfg.seed)
+
+
+def choose_run_dir(cfg: TrainConfig, splits: Splits) -> Path:
+    if cfg.out is not None:
+        out = Path(cfg.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"--out {out}: already exists and is not empty; choose a new folder or delete it first.")
+        return out
+    stem = Path("runs") / f"{(Path(cfg.data).name or 'data').removesuffix('.csv')}-{cfg.mode}"
+    candidate, n = stem, 1
+    while candidate.exists():
+        n += 1
+        candidate = stem.with_name(f"{stem.name}-{n}")
+    return candidate
+
+
+def ensure_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {folder}: cannot be written ({exc.strerror}); choose a writable folder.") from None
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only: decaying BatchNorm scales and biases only hurts."""
+    decay = [p for _, p in params if p.ndim > 1]
+    no_decay = [p for _, p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(cfg: TrainConfig, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+    groups = param_groups(params, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def lr_multiplier(schedule: str, step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float) -> float:
+    """Learning-rate factor for optimizer step `step` (0-based); stepped once per optimizer step."""
+    epoch = step / steps_per_epoch
+    warmup_steps = warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "step":  # the tutorial's StepLR(step_size=7, gamma=0.1), per epoch
+        return 0.1 ** math.floor(epoch / 7)
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1.0, epochs * steps_per_epoch - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def _progress(quiet: bool):
+    from tqdm import tqdm
+
+    show = not quiet and sys.stderr.isatty()
+
+    def wrap(iterable, total=None, desc=""):
+        return tqdm(iterable, total=total, desc=desc, leave=False, disable=not show, file=sys.stderr)
+
+    return wrap
+
+
+def _say(cfg: TrainConfig, message: str) -> None:
+    if not cfg.quiet:
+        print(message, flush=True)
+
+
+def write_splits(run_dir: Path, splits: Splits) -> None:
+    folder = run_dir / "splits"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, items in splits.samples.items():
+        with (folder / f"{split}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label"])
+            for path, label in items:
+                writer.writerow([str(path), splits.classes[label]])
+
+
+def run_training(cfg: TrainConfig) -> Run:
+    started = time.perf_counter()
+    splits = resolve_data(cfg)
+    run_dir = choose_run_dir(cfg, splits)
+    backbone = backbones.resolve(cfg.model)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    generator = seed_everything(cfg.seed)
+    classes = splits.classes
+    model, weights_source = backbones.build_classifier(cfg.model, len(classes), Path(cfg.weights) if cfg.weights else None)
+    pre = Preprocessing.from_data_config(backbones.data_config(model), cfg.image_size)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    ensure_writable(run_dir)
+    checkpoint.write_json(run_dir / "config.json", {
+        "config": cfg.to_json(),
+        "data": {"root": str(splits.root.resolve()), "layout": splits.layout, "classes": classes,
+                 "counts": splits.counts(), "auto_split": splits.auto_split},
+    })
+    write_splits(run_dir, splits)
+    model_meta = {
+        "format_version": checkpoint.FORMAT_VERSION,
+        "backbone": backbone.name,
+        "architecture": backbone.timm_name,
+        "classes": classes,
+        "preprocessing": pre.to_json(),
+        "weights_source": weights_source,
+        "mode": cfg.mode,
+    }
+    progress = _progress(cfg.quiet)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    decode = DecodeCache(pre.resize, pre.interpolation, cache_dir, int(cfg.decode_cache_gb * (1 << 30))) \
+        if cfg.decode_cache_gb > 0 else (lambda p: decode_array(p, pre.resize, pre.interpolation))
+    _warm_decode_cache(decode, [p for items in splits.samples.values() for p, _ in items], progress)
+
+    train_items, val_items = splits.samples["train"], splits.samples["val"]
+    prepare = lambda images: normalize_batch(images, pre, cfg.channels_last)  # noqa: E731
+    classifier = model.get_classifier()
+    frozen: list[nn.Module] = []
+    if cfg.mode == "fixed":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in classifier.parameters():
+            p.requires_grad_(True)
+        frozen = [m for m in model.children() if m is not classifier]
+    elif cfg.bn == "frozen":
+        frozen = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    feature_cache = FeatureCache(cache_dir, {"arch": backbone.timm_name, "weights": weights_source,
+                                             "pre": pre.to_json(), "channels_last": cfg.channels_last})
+
+    def features_of(items: list[tuple[Path, int]], views: int) -> torch.Tensor:
+        return extract_features(model, [p for p, _ in items], decode, pre, views, cfg.seed,
+                                feature_cache if cfg.feature_cache else None, cfg.eval_batch_size,
+                                cfg.channels_last, progress)
+
+    train_labels = torch.tensor([y for _, y in train_items])
+    if cfg.mode == "fixed" and cfg.feature_cache:
+        # The backbone is a fixed function: compute its features once, train the head on them.
+        trainable: nn.Module = classifier
+        train_batches = FeatureBatches(features_of(train_items, cfg.views), train_labels, cfg.batch_size, generator)
+        val_features = features_of(val_items, 1)[0]
+        val_labels = torch.tensor([y for _, y in val_items])
+        val_batches = list(zip(val_features.split(cfg.eval_batch_size), val_labels.split(cfg.eval_batch_size)))
+        step_prepare = lambda x: x  # noqa: E731
+        frozen_for_step: list[nn.Module] = []
+    else:
+        if cfg.mode == "finetune" and cfg.head_init == "probe":
+            fit_probe(classifier, features_of(train_items, 1), train_labels, cfg, generator)
+        trainable = model
+        if cfg.mode == "fixed" and cfg.views == 1:
+            train_transform = EvalTransform(pre)  # the same single un-augmented view as the cached path
+        else:
+            train_size = cfg.train_size or (_default_train_size(pre.size) if cfg.mode == "finetune" else pre.size)
+            train_transform = TrainTransform(pre, train_size)
+        remainder = len(train_items) % cfg.batch_size
+        train_batches = torch.utils.data.DataLoader(
+            train_set := ImageDataset(train_items, decode, train_transform), batch_size=cfg.batch_size,
+            # The generator goes to the sampler only: given to the DataLoader it would also be drawn
+            # from for worker seeds, and the order would differ from the cached-feature path's.
+            sampler=torch.utils.data.RandomSampler(train_set, generator=generator), num_workers=0,
+            # A last batch of one sample breaks BatchNorm in train mode; drop it then.
+            drop_last=remainder == 1 and cfg.mode == "finetune")
+        val_batches = torch.utils.data.DataLoader(
+            ImageDataset(val_items, decode, EvalTransform(pre)), batch_size=cfg.eval_batch_size, shuffle=False)
+        step_prepare = prepare
+        frozen_for_step = frozen
+
+    params = [(n, p) for n, p in trainable.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    steps_per_epoch = len(train_batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(cfg.schedule, step, steps_per_epoch, cfg.epochs, cfg.warmup_epochs))
+
+    run = Run(path=run_dir, config=cfg, classes=classes)
+    metrics_path = run_dir / "metrics.csv"
+    with metrics_path.open("w", newline="") as f:
+        csv.writer(f).writerow(METRICS_HEADER)
+    best_state: dict[str, torch.Tensor] | None = None
+    best: tuple[float, float] | None = None
+    for epoch in range(1, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
+        train_stats: EpochStats = train_one_epoch(
+            trainable, progress(train_batches, steps_per_epoch, f"epoch {epoch} train"), optimizer,
+            step_prepare, scheduler, frozen_for_step, label_smoothing=cfg.label_smoothing)
+        val_stats = evaluate(trainable, progress(val_batches, len(val_batches), f"epoch {epoch} val"), step_prepare,
+                             label_smoothing=cfg.label_smoothing)
+        # The learning rate of the epoch's last optimizer step (the scheduler already points past it).
+        lr = cfg.lr * lr_multiplier(cfg.schedule, epoch * steps_per_epoch - 1, steps_per_epoch, cfg.epochs,
+                                    cfg.warmup_epochs)
+        row = {"epoch": epoch, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
+               "val_loss": val_stats.loss, "val_acc": val_stats.accuracy, "lr": lr,
+               "seconds": time.perf_counter() - epoch_start}
+        run.metrics.append(row)
+        with metrics_path.open("a", newline="") as f:
+            csv.writer(f).writerow([row[k] if k == "epoch" else f"{row[k]:.6g}" if k in ("lr", "seconds") else repr(row[k]) for k in METRICS_HEADER])
+        _say(cfg, f"epoch {epoch}/{cfg.epochs}  train loss {train_stats.loss:.4f} acc {train_stats.accuracy:.4f}  "
+                  f"val loss {val_stats.loss:.4f} acc {val_stats.accuracy:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s")
+        if is_better(val_stats.accuracy, val_stats.loss, best):
+            best = (val_stats.accuracy, val_stats.loss)
+            run.best_epoch, run.best_val_acc, run.best_val_loss = epoch, val_stats.accuracy, val_stats.loss
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            checkpoint.save_weights(run_dir / checkpoint.BEST_WEIGHTS, best_state)
+            checkpoint.write_json(run_dir / checkpoint.MODEL_JSON, {
+                **model_meta, "best_epoch": epoch, "val_acc": val_stats.accuracy, "val_loss": val_stats.loss})
+
+    # The run's result is the best epoch's weights, not the last epoch's.
+    model.load_state_dict(best_state)
+    model.eval()
+    run.model = model
+    run.seconds = time.perf_counter() - started
+    _say(cfg, f"best epoch {run.best_epoch}: val acc {run.best_val_acc:.4f} (val loss {run.best_val_loss:.4f}); "
+              f"run folder {run_dir}")
+    return run
+
+
+PROBE_EPOCHS = 10
+
+
+def fit_probe(classifier: nn.Module, features: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
+              generator: torch.Generator) -> None:
+    """Linear probe: fit the new head on frozen-backbone features before fine-tuning (LP-FT).
+
+    Costs one forward pass over the training images (cached across runs) and
+    well under a second of head training, and means fine-tuning starts from a
+    head that already separates the classes instead of sending random
+    gradients into the pretrained backbone.
+    """
+    batches = FeatureBatches(features, labels, cfg.batch_size, generator)
+    optimizer = make_optimizer(cfg, list(classifier.named_parameters()))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier("cosine", step, len(batches), PROBE_EPOCHS, 0.0))
+    for _ in range(PROBE_EPOCHS):
+        train_one_epoch(classifier, batches, optimizer, scheduler=scheduler, label_smoothing=cfg.label_smoothing)
+
+
+def _default_train_size(eval_size: int) -> int:
+    return max(32, int(round(eval_size * 5 / 7 / 16)) * 16)
+
+
+def _warm_decode_cache(decode, paths: list[Path], progress) -> None:
+    """Decode every image once up front, two threads per core pair (Pillow releases the GIL)."""
+    if not isinstance(decode, DecodeCache):
+        return
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in progress(pool.map(decode, paths), len(paths), "decoding"):
+            pass

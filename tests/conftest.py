@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny generated image folders and a tiny backbone for fast unit tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+HYMENOPTERA = (REPO / ".." / "shared" / "data" / "hymenoptera_data").resolve()
+
+# Two cores: keep every test on the same small thread pool.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def needs_hymenoptera():
+    return pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"{HYMENOPTERA} not present")
+
+
+def make_image(path: Path, label: int, rng: np.random.Generator, size=(40, 32), fmt: str | None = None) -> None:
+    """Class 0 is reddish, class 1 blueish, class 2 greenish, with noise: learnable in a few steps."""
+    w, h = size
+    base = np.zeros((h, w, 3), dtype=np.float64)
+    base[..., label % 3] = 180
+    pixels = np.clip(base + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt)
+
+
+def make_folder(root: Path, per_class: dict[str, int], layout: str = "split", seed: int = 0,
+                val_per_class: int = 3, ext: str = ".png") -> Path:
+    """layout "split": root/train/<c>, root/val/<c>; layout "flat": root/<c>."""
+    rng = np.random.default_rng(seed)
+    for label, (cls, n) in enumerate(sorted(per_class.items())):
+        for i in range(n):
+            folder = root / "train" / cls if layout == "split" else root / cls
+            make_image(folder / f"{cls}_{i}{ext}", label, rng)
+        if layout == "split":
+            for i in range(val_per_class):
+                make_image(root / "val" / cls / f"{cls}_v{i}{ext}", label, rng)
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "data", {"ants": 9, "bees": 8})
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A randomly initialised timm test_efficientnet (100k parameters, BatchNorm) saved as safetensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet")
+    path = tmp_path_factory.mktemp("weights") / "test_efficientnet.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture
+def tiny_settings(tiny_weights: Path, tmp_path: Path) -> dict:
+    """Settings for a fast run of the whole pipeline on the tiny backbone."""
+    return {"model": "test_efficientnet", "weights": str(tiny_weights), "image_size": 48, "train_size": 48,
+            "batch_size": 4, "epochs": 2, "cache_dir": str(tmp_path / "cache"), "quiet": True,
+            "channels_last": False}

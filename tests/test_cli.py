@@ -1,0 +1,95 @@
+"""The command line: end to end through main(argv), and bad input as one sentence, exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from visiontune.cli import main
+
+from .conftest import make_folder
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_flags(tiny_settings: dict) -> list[str]:
+    return ["--model", "test_efficientnet", "--weights", tiny_settings["weights"], "--image-size", "48",
+            "--train-size", "48", "--batch-size", "4", "--cache-dir", tiny_settings["cache_dir"],
+            "--no-channels-last"]
+
+
+def test_train_prints_epoch_lines_and_run_folder(tiny_data, tiny_settings, tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli(["train", str(tiny_data), "--epochs", "2", "--out", str(out_dir), *tiny_flags(tiny_settings)], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("epoch 1/2") and "val loss" in lines[0] and "lr" in lines[0]
+    assert lines[-1].startswith("best epoch") and str(out_dir) in lines[-1]
+    assert (out_dir / "best.safetensors").is_file()
+
+
+def test_fixed_mode_from_cli(tiny_data, tiny_settings, tmp_path, capsys):
+    code, out, err = run_cli(["train", str(tiny_data), "--mode", "fixed", "--epochs", "2", "--out",
+                              str(tmp_path / "r"), *tiny_flags(tiny_settings)], capsys)
+    assert code == 0, err
+    assert '"mode": "fixed"' in (tmp_path / "r" / "model.json").read_text()
+
+
+def test_models_lists_offline_backbones(capsys):
+    code, out, _ = run_cli(["models"], capsys)
+    assert code == 0
+    for n in (0, 1, 2):
+        line = next(line for line in out.splitlines() if line.startswith(f"efficientnet_lite{n} "))
+        assert " yes " in line
+
+
+def _bad_inputs(tmp_path):
+    one_class = make_folder(tmp_path / "one", {"a": 3}, layout="flat")
+    no_images = tmp_path / "noimg"
+    (no_images / "a").mkdir(parents=True)
+    (no_images / "a" / "readme.txt").write_text("x")
+    mismatch = make_folder(tmp_path / "mm", {"a": 2, "b": 2})
+    make_folder(tmp_path / "mm_extra", {"c": 1})
+    (mismatch / "val" / "c").mkdir()
+    (tmp_path / "mm_extra" / "val" / "c" / "c_v0.png").rename(mismatch / "val" / "c" / "x.png")
+    good = make_folder(tmp_path / "good", {"a": 3, "b": 3})
+    return [
+        (["train", str(tmp_path / "nope")], "DATA"),
+        (["train", str(no_images)], "no images"),
+        (["train", str(one_class)], "single class"),
+        (["train", str(mismatch)], "class folders differ"),
+        (["train", str(good), "--model", "no_such_net"], "--model"),
+        (["train", str(good), "--epochs", "0"], "--epochs"),
+        (["train", str(good), "--lr", "-1"], "--lr"),
+        (["train", str(good), "--batch-size", "0"], "--batch-size"),
+        (["train", str(good), "--weights", str(tmp_path / "missing.pt")], "--weights"),
+    ]
+
+
+def test_bad_input_is_one_sentence_exit_2(tmp_path, capsys):
+    for args, words in _bad_inputs(tmp_path):
+        code, out, err = run_cli(args + ["--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")], capsys)
+        assert code == 2, (args, err)
+        assert "Traceback" not in err
+        message = err.strip().splitlines()
+        assert len(message) == 1 and words in message[0], (args, err)
+        assert not (tmp_path / "o").exists(), "a failed start must leave no run folder"
+
+
+def test_argparse_choice_errors_exit_2(capsys):
+    code, _, err = run_cli(["train", "x", "--mode", "sideways"], capsys)
+    assert code == 2 and "--mode" in err
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "visiontune", "models"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "efficientnet_lite0" in result.stdout

@@ -1,0 +1,140 @@
+"""The whole pipeline on tiny generated images and the tiny test backbone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import visiontune
+from visiontune import checkpoint
+from visiontune.errors import UsageError
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_folder_has_everything_predict_needs(tiny_data, tiny_settings, tmp_path):
+    run = visiontune.train(tiny_data, out=str(tmp_path / "run"), **tiny_settings)
+    files = {p.name for p in run.path.iterdir()}
+    assert {"config.json", "metrics.csv", "best.safetensors", "model.json", "splits"} <= files
+    meta = json.loads((run.path / "model.json").read_text())
+    assert meta["classes"] == ["ants", "bees"]
+    assert meta["architecture"] == "test_efficientnet"
+    assert meta["preprocessing"]["size"] == 48
+    header = (run.path / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds")
+    assert len(read_metrics(run.path)) == 2
+    with (run.path / "splits" / "val.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 6
+
+
+def test_best_epoch_weights_are_restored_and_saved(tiny_data, tiny_settings, tmp_path):
+    # A constant, too-high learning rate makes later epochs worse than an early one.
+    settings = {**tiny_settings, "epochs": 4, "lr": 0.5, "schedule": "constant", "head_init": "random"}
+    run = visiontune.train(tiny_data, out=str(tmp_path / "run"), **settings)
+    rows = read_metrics(run.path)
+    best_row = rows[run.best_epoch - 1]
+    assert float(best_row["val_acc"]) == max(float(r["val_acc"]) for r in rows)
+    saved = checkpoint.load_weights(run.path / "best.safetensors")
+    for k, v in run.model.state_dict().items():
+        assert torch.equal(saved[k], v), k
+    reloaded, _ = checkpoint.load_model(run.path)
+    from visiontune.engine import evaluate
+    from visiontune.images import decode_array
+    from visiontune.preprocess import EvalTransform, Preprocessing, normalize_batch
+
+    pre = Preprocessing.from_json(json.loads((run.path / "model.json").read_text())["preprocessing"])
+    with (run.path / "splits" / "val.csv").open() as f:
+        items = [(Path(r["path"]), ["ants", "bees"].index(r["label"])) for r in csv.DictReader(f)]
+    x = torch.stack([EvalTransform(pre)(decode_array(p, pre.resize)) for p, _ in items])
+    y = torch.tensor([label for _, label in items])
+    stats = evaluate(reloaded, [(x, y)], lambda b: normalize_batch(b, pre))
+    assert stats.accuracy == float(best_row["val_acc"])
+    assert stats.loss == pytest.approx(float(best_row["val_loss"]), abs=1e-5)
+    assert run.best_epoch != 4 or float(rows[-1]["val_acc"]) == max(float(r["val_acc"]) for r in rows)
+
+
+@pytest.mark.parametrize("feature_cache", [True, False])
+def test_fixed_mode_leaves_backbone_bitwise_unchanged(tiny_data, tiny_settings, tiny_weights, tmp_path, feature_cache):
+    from visiontune.backbones import build_classifier
+
+    run = visiontune.train(tiny_data, mode="fixed", feature_cache=feature_cache, out=str(tmp_path / "run"),
+                           **{**tiny_settings, "epochs": 3})
+    original, _ = build_classifier("test_efficientnet", 2, tiny_weights)
+    trained = run.model.state_dict()
+    changed_head = False
+    for k, v in original.state_dict().items():
+        if k.startswith("classifier."):
+            changed_head |= not torch.equal(v, trained[k])
+        else:
+            assert torch.equal(v, trained[k]), f"fixed mode changed backbone tensor {k}"
+    assert changed_head
+
+
+def test_cached_features_train_the_same_head_as_the_uncached_loop(tiny_data, tiny_settings, tmp_path):
+    common = {**tiny_settings, "epochs": 3, "views": 1, "mode": "fixed"}
+    cached = visiontune.train(tiny_data, feature_cache=True, out=str(tmp_path / "a"), **common)
+    plain = visiontune.train(tiny_data, feature_cache=False, out=str(tmp_path / "b"), **common)
+    for name in ("classifier.weight", "classifier.bias"):
+        torch.testing.assert_close(cached.model.state_dict()[name], plain.model.state_dict()[name],
+                                   rtol=0, atol=1e-5)
+    for a, b in zip(read_metrics(cached.path), read_metrics(plain.path)):
+        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), abs=1e-5)
+
+
+def test_same_seed_gives_identical_metrics(tiny_data, tiny_settings, tmp_path):
+    first = visiontune.train(tiny_data, out=str(tmp_path / "a"), seed=3, **tiny_settings)
+    second = visiontune.train(tiny_data, out=str(tmp_path / "b"), seed=3, **tiny_settings)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(first.path)) == strip(read_metrics(second.path))
+
+
+def test_training_learns_the_tiny_task(tiny_data, tiny_settings, tmp_path):
+    run = visiontune.train(tiny_data, out=str(tmp_path / "run"), **{**tiny_settings, "epochs": 4, "lr": 0.05})
+    rows = read_metrics(run.path)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def test_existing_nonempty_out_is_never_overwritten(tiny_data, tiny_settings, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(UsageError, match="--out"):
+        visiontune.train(tiny_data, out=str(out), **tiny_settings)
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
+def test_feature_cache_reuses_entries_and_re_extracts_a_changed_file(tiny_data, tiny_settings, tmp_path):
+    from visiontune.backbones import build_classifier, data_config
+    from visiontune.features import FeatureCache, extract_features
+    from visiontune.images import DecodeCache
+    from visiontune.preprocess import Preprocessing
+
+    model, source = build_classifier("test_efficientnet", 2, Path(tiny_settings["weights"]))
+    pre = Preprocessing.from_data_config(data_config(model), 48)
+    paths = sorted((tiny_data / "train" / "ants").glob("*.png"))[:3]
+    cache = FeatureCache(tmp_path / "fc", {"arch": "t", "weights": source})
+    decode = DecodeCache(pre.resize, directory=tmp_path / "dc")
+    first = extract_features(model, paths, decode, pre, 2, 0, cache, channels_last=False)
+    assert first.shape[:2] == (2, 3)
+    assert not torch.equal(first[0], first[1])  # view 1 is augmented
+
+    calls = []
+    counting = lambda p: calls.append(Path(p).name) or decode(p)  # noqa: E731
+    again = extract_features(model, paths, counting, pre, 2, 0, cache, channels_last=False)
+    assert calls == [] and torch.equal(first, again)
+
+    bees = sorted((tiny_data / "train" / "bees").glob("*.png"))[0]
+    paths[1].write_bytes(bees.read_bytes())
+    os.utime(paths[1], (time.time() + 5, time.time() + 5))
+    changed = extract_features(model, paths, counting, pre, 2, 0, cache, channels_last=False)
+    assert sorted(set(calls)) == [paths[1].name]
+    assert torch.equal(changed[:, 0], first[:, 0]) and not torch.equal(changed[0, 1], first[0, 1])
