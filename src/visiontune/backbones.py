@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .config import DEFAULT_BACKBONE  # noqa: F401  (re-exported)
 from .errors import UsageError
 
 
@@ -59,7 +60,6 @@ REGISTRY: dict[str, Backbone] = {
     )
     for n in (0, 1, 2)
 }
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 def resolve(name: str) -> Backbone:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import sys
 
 from .config import BN_POLICIES, HEAD_INITS, MODES, OPTIMIZERS, SCHEDULES, TrainConfig
@@ -74,16 +76,104 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_run, format_table
+
+    result = evaluate_run(args.run, args.data, split=args.split, tta=args.tta, batch_size=args.batch_size,
+                          top_n=args.top_n)
+    print(json.dumps(result, indent=2) if args.format == "json" else format_table(result))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(args.run))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run
+
+    path, diff = export_run(args.run, args.format, args.out)
+    print(f"wrote {path} (max |p - p_torch| = {diff:.1e} on real val images)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import expand_inputs, load
+
+    predictor = load(args.model)
+    paths, missing = expand_inputs(args.paths)
+    results = predictor.predict(paths, batch_size=args.batch_size, top_k=args.top_k) + missing
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"visiontune: cannot classify {r['path']}: {r['error']}", file=sys.stderr)
+    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    try:
+        if args.format == "jsonl":
+            for r in results:
+                row = {k: r[k] for k in ("path", "label", "score", "probs") if k in r}
+                if "error" in r:
+                    row["error"] = r["error"]
+                out.write(json.dumps(row) + "\n")
+        elif args.format == "csv":
+            writer = csv.writer(out)
+            writer.writerow(["path", "label", "score"] + [f"top{i + 1}" for i in range(args.top_k)] + ["error"])
+            for r in results:
+                tops = [f"{c}:{p:.4f}" for c, p in r.get("top_k", [])]
+                tops += [""] * (args.top_k - len(tops))
+                writer.writerow([r["path"], r.get("label", ""), f"{r['score']:.6f}" if "score" in r else ""]
+                                + tops + [r.get("error", "")])
+        else:
+            for r in results:
+                if "error" in r:
+                    out.write(f"{r['path']}  ERROR {r['error']}\n")
+                else:
+                    tops = "  ".join(f"{c} {p:.3f}" for c, p in r["top_k"])
+                    out.write(f"{r['path']}  {tops}\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visiontune", description="Fine-tune pretrained image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     sub.add_parser("models", help="list registered backbones and whether they work offline")
     sub.add_parser("datasets", help="list known data sets and whether they are on this machine")
+
+    p = sub.add_parser("eval", help="metrics of a run on its val/test split or on DATA")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("data", metavar="DATA", nargs="?")
+    p.add_argument("--split", choices=["val", "test"], default="val")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--top-n", type=int, default=10, help="most confident mistakes to list")
+
+    p = sub.add_parser("report", help="write RUN/report.html (curves, confusion matrix, mistakes)")
+    p.add_argument("run", metavar="RUN")
+
+    p = sub.add_parser("predict", help="classify images with a run folder or an exported model")
+    p.add_argument("model", metavar="RUN_OR_ARTIFACT")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="files, folders (recursive) or globs")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--format", choices=["table", "csv", "jsonl"], default="table")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--output", help="write results to this file instead of stdout")
+
+    p = sub.add_parser("export", help="export a run to ONNX or TorchScript, checked against PyTorch")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", help="output file (default RUN/model.onnx or RUN/model.pt)")
     return parser
 
 
-COMMANDS = {"train": _cmd_train, "models": _cmd_models, "datasets": _cmd_datasets}
+COMMANDS = {"train": _cmd_train, "models": _cmd_models, "datasets": _cmd_datasets, "eval": _cmd_eval,
+            "report": _cmd_report, "predict": _cmd_predict, "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

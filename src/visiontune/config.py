@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .backbones import DEFAULT_BACKBONE
 from .errors import UsageError
 
+DEFAULT_BACKBONE = "efficientnet_lite0"
 MODES = ("finetune", "fixed")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")

@@ -130,3 +130,18 @@ class DecodeCache:
             except OSError:
                 self.max_bytes = 0  # cache folder not writable: stream from now on
         return array
+
+
+def center_crop_array(array: np.ndarray, size: int) -> np.ndarray:
+    """HWC center crop, placed exactly as torchvision's center_crop places it."""
+    h, w = array.shape[:2]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return array[top : top + size, left : left + size]
+
+
+def eval_input(path: str | Path, pre: dict) -> np.ndarray:
+    """The eval preprocessing without torch: decode, resize, center crop, normalise -> float32 CHW."""
+    crop = center_crop_array(decode_array(path, pre["resize"], pre["interpolation"]), pre["size"])
+    mean = np.asarray(pre["mean"], dtype=np.float32) * 255.0
+    std = np.asarray(pre["std"], dtype=np.float32) * 255.0
+    return ((crop.astype(np.float32) - mean) / std).transpose(2, 0, 1)

@@ -9,7 +9,7 @@ import random
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +157,9 @@ def run_training(cfg: TrainConfig) -> Run:
     classes = splits.classes
     model, weights_source = backbones.build_classifier(cfg.model, len(classes), Path(cfg.weights) if cfg.weights else None)
     pre = Preprocessing.from_data_config(backbones.data_config(model), cfg.image_size)
+    # Record the sizes actually used, so config.json is complete without the backbone at hand.
+    cfg = replace(cfg, image_size=pre.size, train_size=cfg.train_size or (
+        _default_train_size(pre.size) if cfg.mode == "finetune" else pre.size))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
@@ -220,8 +223,7 @@ def run_training(cfg: TrainConfig) -> Run:
         if cfg.mode == "fixed" and cfg.views == 1:
             train_transform = EvalTransform(pre)  # the same single un-augmented view as the cached path
         else:
-            train_size = cfg.train_size or (_default_train_size(pre.size) if cfg.mode == "finetune" else pre.size)
-            train_transform = TrainTransform(pre, train_size)
+            train_transform = TrainTransform(pre, cfg.train_size)
         remainder = len(train_items) % cfg.batch_size
         train_batches = torch.utils.data.DataLoader(
             train_set := ImageDataset(train_items, decode, train_transform), batch_size=cfg.batch_size,

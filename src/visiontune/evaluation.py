@@ -1,0 +1,136 @@
+"""`visiontune eval`: how good a trained run is, and where it fails."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import load_model
+from .data import discover
+from .errors import DataError, UsageError
+from .metrics import confusion_matrix, per_class_report, wilson_interval
+
+
+def run_items(run: Path, split: str, classes: list[str]) -> list[tuple[Path, int]]:
+    """The run's own split, as recorded in RUN/splits/<split>.csv."""
+    path = run / "splits" / f"{split}.csv"
+    if not path.is_file():
+        raise UsageError(f"--split {split}: RUN {run} has no {split} split; pass DATA or use --split val.")
+    with path.open(newline="") as f:
+        return [(Path(row["path"]), classes.index(row["label"])) for row in csv.DictReader(f)]
+
+
+def data_items(data: Path, split: str, classes: list[str]) -> list[tuple[Path, int]]:
+    """Images of DATA (its `split` when it has split folders, else all of it) under the run's class index."""
+    if data.is_dir() and not (data / "train").is_dir() and not (data / split).is_dir():
+        folders = sorted(d.name for d in data.iterdir() if d.is_dir() and not d.name.startswith("."))
+        unknown = sorted(set(folders) - set(classes))
+        if unknown:
+            raise DataError(f"DATA {data}: class folders {', '.join(unknown)} are not classes of this run "
+                            f"({', '.join(classes)}); remove them or evaluate a run trained on them.")
+        from .data import _images_in
+
+        return [(p, classes.index(c)) for c in folders for p in _images_in(data / c)]
+    if data.is_dir() and (data / split).is_dir():
+        folders = sorted(d.name for d in (data / split).iterdir() if d.is_dir() and not d.name.startswith("."))
+        unknown = sorted(set(folders) - set(classes))
+        if unknown:
+            raise DataError(f"DATA {data / split}: class folders {', '.join(unknown)} are not classes of this run "
+                            f"({', '.join(classes)}); remove them or evaluate a run trained on them.")
+    splits = discover(data)
+    if split not in splits.samples:
+        raise UsageError(f"--split {split}: DATA {data} has no {split} split.")
+    unknown = sorted(set(splits.classes) - set(classes))
+    if unknown:
+        raise DataError(f"DATA {data}: classes {', '.join(unknown)} are not classes of this run ({', '.join(classes)}).")
+    return [(p, classes.index(splits.classes[y])) for p, y in splits.samples[split]]
+
+
+def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "val", tta: bool = False,
+                 batch_size: int = 64, top_n: int = 10, keep_items: bool = False) -> dict:
+    """Metrics of a run's best weights on its own split or on DATA."""
+    import torch
+
+    from .engine import per_sample_loss
+    from .images import decode_array
+    from .preprocess import EvalTransform, Preprocessing, normalize_batch
+
+    run = Path(run)
+    model, meta = load_model(run)
+    classes = meta["classes"]
+    items = run_items(run, split, classes) if data is None else data_items(Path(data), split, classes)
+    if not items:
+        raise DataError(f"the {split} split to evaluate holds no images.")
+    pre = Preprocessing.from_json(meta["preprocessing"])
+    transform = EvalTransform(pre)
+    probs_list, loss_sum = [], 0.0
+    with torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            x = normalize_batch(torch.stack([transform(decode_array(p, pre.resize, pre.interpolation)) for p, _ in chunk]), pre)
+            y = torch.tensor([label for _, label in chunk])
+            logits = model(x)
+            if tta:  # average the probabilities of the image and its mirror image
+                probs = (torch.softmax(logits, 1) + torch.softmax(model(torch.flip(x, dims=[3])), 1)) / 2
+                loss_sum += float(-torch.log(probs[torch.arange(len(y)), y]).double().sum())
+            else:
+                probs = torch.softmax(logits, 1)
+                loss_sum += float(per_sample_loss(logits, y).double().sum())
+            probs_list.append(probs.float().numpy())
+    probs = np.concatenate(probs_list)
+    targets = np.array([label for _, label in items])
+    predictions = probs.argmax(1)
+    n, correct = len(items), int((predictions == targets).sum())
+    matrix = confusion_matrix(targets, predictions, len(classes))
+    report = per_class_report(matrix, classes)
+    wrong = np.flatnonzero(predictions != targets)
+    wrong = wrong[np.argsort(-probs[wrong, predictions[wrong]], kind="stable")][:top_n]
+    result = {
+        "accuracy": correct / n,
+        "accuracy_ci": list(wilson_interval(correct, n)),
+        "loss": loss_sum / n,
+        "n": n,
+        "correct": correct,
+        "classes": classes,
+        "per_class": report["per_class"],
+        "macro_avg": report["macro_avg"],
+        "weighted_avg": report["weighted_avg"],
+        "confusion_matrix": matrix.tolist(),
+        "top_mistakes": [{"path": str(items[i][0]), "true": classes[targets[i]], "predicted": classes[predictions[i]],
+                          "probability": float(probs[i, predictions[i]])} for i in wrong],
+        "split": split,
+        "tta": tta,
+    }
+    if keep_items:
+        result["items"] = [{"path": str(p), "true": classes[t], "predicted": classes[q], "probability": float(pr[q])}
+                           for (p, _), t, q, pr in zip(items, targets, predictions, probs)]
+    return result
+
+
+def format_table(result: dict) -> str:
+    lo, hi = result["accuracy_ci"]
+    n = result["n"]
+    lines = [
+        f"accuracy {result['accuracy']:.4f} ({result['correct']}/{n}), 95% CI [{lo:.4f}, {hi:.4f}]; "
+        f"on {n} images one image is {100 / n:.2f} points",
+        f"loss {result['loss']:.4f} (mean per-sample cross-entropy){'  [TTA: flip]' if result['tta'] else ''}",
+        "",
+        f"{'class':20} {'precision':>9} {'recall':>9} {'f1':>9} {'support':>8}",
+    ]
+    for name, r in result["per_class"].items():
+        lines.append(f"{name:20} {r['precision']:9.4f} {r['recall']:9.4f} {r['f1']:9.4f} {r['support']:8d}")
+    for label in ("macro_avg", "weighted_avg"):
+        r = result[label]
+        lines.append(f"{label.replace('_', ' '):20} {r['precision']:9.4f} {r['recall']:9.4f} {r['f1']:9.4f} {n:8d}")
+    width = max(len(c) for c in result["classes"]) + 2
+    lines += ["", "confusion matrix (rows = true, columns = predicted)",
+              " " * width + "".join(f"{c:>{width}}" for c in result["classes"])]
+    for c, row in zip(result["classes"], result["confusion_matrix"]):
+        lines.append(f"{c:{width}}" + "".join(f"{v:>{width}}" for v in row))
+    if result["top_mistakes"]:
+        lines += ["", "most confident mistakes"]
+        for m in result["top_mistakes"]:
+            lines.append(f"  {m['probability']:.3f}  {m['true']} -> {m['predicted']}  {m['path']}")
+    return "\n".join(lines)

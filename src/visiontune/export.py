@@ -1,0 +1,104 @@
+"""`visiontune export`: ONNX or TorchScript, checked against PyTorch before it counts.
+
+The exported graph ends in softmax (it outputs probabilities) and takes a
+dynamic batch of normalised NCHW float32 images. Class names and preprocessing
+travel with it: ONNX metadata (key "visiontune") or a TorchScript extra file,
+and a sidecar `<file>.json` in both cases. After export the artifact is run on
+real images of the run's val split and compared with PyTorch; a max absolute
+difference of probabilities above 1e-4 deletes the file and fails.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import load_model, write_json
+from .errors import UsageError, VisiontuneError
+from .evaluation import run_items
+from .images import eval_input
+
+TOLERANCE = 1e-4
+ONNX_OPSET = 17
+
+
+class WithSoftmax(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=1)
+
+
+def _check_images(run: Path, meta: dict, limit: int | None) -> np.ndarray:
+    items = run_items(run, "val", meta["classes"])[:limit]
+    return np.stack([eval_input(p, meta["preprocessing"]) for p, _ in items]).astype(np.float32)
+
+
+def export_run(run: str | Path, fmt: str = "onnx", out: str | Path | None = None, check_images: int | None = 64) -> tuple[Path, float]:
+    """Write the artifact; return its path and the max |p_artifact - p_torch| on real images."""
+    with warnings.catch_warnings():
+        # PyTorch deprecates both exporters' entry points; the user can do nothing about it.
+        warnings.simplefilter("ignore", category=FutureWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        return _export(Path(run), fmt, out, check_images)
+
+
+def _export(run: Path, fmt: str, out: str | Path | None, check_images: int | None) -> tuple[Path, float]:
+    from .predict import META_KEY, load
+
+    model, meta = load_model(run)
+    suffix = {"onnx": ".onnx", "torchscript": ".pt"}.get(fmt)
+    if suffix is None:
+        raise UsageError(f"--format {fmt!r}: use onnx or torchscript.")
+    out = Path(out) if out else run / f"model{suffix}"
+    if out.exists():
+        raise UsageError(f"--out {out}: already exists; choose another file or delete it first.")
+    wrapped = WithSoftmax(model).eval()
+    artifact_meta = {"classes": meta["classes"], "preprocessing": meta["preprocessing"],
+                     "architecture": meta["architecture"], "source_run": str(run.resolve())}
+    size = meta["preprocessing"]["size"]
+    example = torch.zeros(2, 3, size, size)
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        if fmt == "onnx":
+            _export_onnx(wrapped, example, tmp, artifact_meta, META_KEY)
+        else:
+            with torch.inference_mode():
+                traced = torch.jit.trace(wrapped, example)
+            traced.save(str(tmp), _extra_files={f"{META_KEY}.json": json.dumps(artifact_meta)})
+        tmp.replace(out)
+        write_json(out.with_name(out.name + ".json"), artifact_meta)
+        images = _check_images(run, meta, check_images)
+        with torch.inference_mode():
+            expected = wrapped(torch.from_numpy(images)).numpy()
+        got = load(out).probabilities(images)
+        diff = float(np.abs(got - expected).max())
+    except VisiontuneError:
+        raise
+    except Exception as exc:
+        tmp.unlink(missing_ok=True)
+        raise VisiontuneError(f"export to {fmt} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if diff > TOLERANCE:
+        out.unlink(missing_ok=True)
+        out.with_name(out.name + ".json").unlink(missing_ok=True)
+        raise VisiontuneError(f"the {fmt} export differs from PyTorch by {diff:.2e} (> {TOLERANCE}) on real images; it was deleted.")
+    return out, diff
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: Path, meta: dict, key: str) -> None:
+    import onnx
+
+    torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["probs"],
+                      dynamic_axes={"input": {0: "batch"}, "probs": {0: "batch"}}, opset_version=ONNX_OPSET,
+                      dynamo=False)
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = key, json.dumps(meta)
+    onnx.save(proto, str(path))

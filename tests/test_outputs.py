@@ -1,0 +1,199 @@
+"""eval, predict, export, report: on tiny runs (fast) and on a real hymenoptera run (acceptance)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import visiontune
+from visiontune.cli import main
+from visiontune.metrics import confusion_matrix, per_class_report, wilson_interval
+
+from .conftest import HYMENOPTERA, make_folder, make_image, needs_hymenoptera
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- pure metrics -------------------------------------------------------------
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(146, 153)
+    assert (round(lo, 4), round(hi, 4)) == (0.9086, 0.9777)
+    assert wilson_interval(0, 10)[0] == pytest.approx(0.0) and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-4)
+
+
+def test_confusion_and_per_class_report():
+    m = confusion_matrix(np.array([0, 0, 0, 1, 1, 2]), np.array([0, 1, 0, 1, 1, 1]), 3)
+    assert m.tolist() == [[2, 1, 0], [0, 2, 0], [0, 1, 0]]
+    r = per_class_report(m, ["a", "b", "c"])
+    assert r["per_class"]["a"] == {"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3}
+    assert r["per_class"]["b"]["precision"] == 0.5 and r["per_class"]["c"]["f1"] == 0.0
+    assert r["macro_avg"]["recall"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert r["weighted_avg"]["recall"] == pytest.approx((2 + 2 + 0) / 6)
+
+
+# --- a tiny run -----------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_run(tiny_data, tiny_settings, tmp_path):
+    return visiontune.train(tiny_data, out=str(tmp_path / "run"), **{**tiny_settings, "epochs": 3})
+
+
+def test_eval_json_matches_best_epoch(tiny_run, capsys):
+    code, out, _ = run_cli(["eval", str(tiny_run.path), "--format", "json"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert {"accuracy", "accuracy_ci", "loss", "n", "classes", "per_class", "confusion_matrix", "top_mistakes"} <= set(result)
+    assert result["n"] == 6 and result["accuracy"] == tiny_run.best_val_acc
+    assert result["loss"] == pytest.approx(tiny_run.best_val_loss, abs=1e-5)
+    assert sum(map(sum, result["confusion_matrix"])) == 6
+
+
+def test_eval_table_says_what_one_image_is_worth(tiny_run, capsys):
+    code, out, _ = run_cli(["eval", str(tiny_run.path)], capsys)
+    assert code == 0 and "one image is 16.67 points" in out and "confusion matrix" in out
+
+
+def test_eval_on_other_data_with_unknown_class_is_an_error(tiny_run, tmp_path, capsys):
+    other = make_folder(tmp_path / "other", {"ants": 2, "wasps": 2}, layout="flat")
+    code, _, err = run_cli(["eval", str(tiny_run.path), str(other)], capsys)
+    assert code == 2 and "wasps" in err and "Traceback" not in err
+    same = make_folder(tmp_path / "same", {"ants": 2, "bees": 3}, layout="flat")
+    code, out, _ = run_cli(["eval", str(tiny_run.path), str(same), "--format", "json"], capsys)
+    assert code == 0 and json.loads(out)["n"] == 5
+
+
+def test_eval_tta_averages_flipped_probabilities(tiny_run, capsys):
+    code, out, _ = run_cli(["eval", str(tiny_run.path), "--format", "json", "--tta"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    assert result["tta"] is True and 0 <= result["loss"] < 10
+
+
+def test_predict_reports_unreadable_files_and_classifies_the_rest(tiny_run, tiny_data, tmp_path, capsys):
+    folder = tmp_path / "inbox"
+    make_image(folder / "good.png", 0, np.random.default_rng(1))
+    (folder / "broken.jpg").write_bytes(b"<html>not found</html>")
+    make_image(folder / "sub" / "deeper.png", 1, np.random.default_rng(2))
+    code, out, err = run_cli(["predict", str(tiny_run.path), str(folder), str(tmp_path / "nothing*.png"),
+                              "--format", "jsonl"], capsys)
+    assert code == 1
+    rows = [json.loads(line) for line in out.splitlines()]
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert set(by_name) == {"good.png", "broken.jpg", "deeper.png", "nothing*.png"}
+    assert "error" in by_name["broken.jpg"] and "error" in by_name["nothing*.png"]
+    good = by_name["good.png"]
+    assert set(good) == {"path", "label", "score", "probs"}
+    assert sum(good["probs"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert good["score"] == max(good["probs"].values())
+    assert err.count("cannot classify") == 2
+    code, out, _ = run_cli(["predict", str(tiny_run.path), str(folder / "good.png"), "--format", "csv",
+                            "--top-k", "2"], capsys)
+    assert code == 0
+    header, row = list(csv.reader(out.splitlines()))
+    assert header[:5] == ["path", "label", "score", "top1", "top2"] and row[1] in ("ants", "bees")
+
+
+def test_python_load_predict(tiny_run, tiny_data):
+    model = visiontune.load(tiny_run.path)
+    results = model.predict(sorted((tiny_data / "val" / "ants").glob("*.png")))
+    assert len(results) == 3 and all(r["label"] in ("ants", "bees") for r in results)
+
+
+@pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
+def test_export_matches_pytorch_and_carries_metadata(tiny_run, tiny_data, capsys, fmt, suffix):
+    code, out, err = run_cli(["export", str(tiny_run.path), "--format", fmt], capsys)
+    assert code == 0, err
+    artifact = tiny_run.path / f"model{suffix}"
+    assert artifact.is_file() and re.search(r"max \|p - p_torch\| = ", out)
+    images = sorted((tiny_data / "val").rglob("*.png"))
+    exported = visiontune.load(artifact).predict(images)
+    reference = visiontune.load(tiny_run.path).predict(images)
+    for a, b in zip(exported, reference):
+        assert a["label"] == b["label"]
+        for c in a["probs"]:
+            assert abs(a["probs"][c] - b["probs"][c]) <= 1e-4
+    assert json.loads((artifact.parent / (artifact.name + ".json")).read_text())["classes"] == ["ants", "bees"]
+    # Never overwrite an existing artifact.
+    code, _, err = run_cli(["export", str(tiny_run.path), "--format", fmt], capsys)
+    assert code == 2 and "--out" in err
+
+
+def test_onnx_predict_runs_without_torch(tiny_run, tiny_data, tmp_path, capsys):
+    assert run_cli(["export", str(tiny_run.path), "--out", str(tmp_path / "m.onnx")], capsys)[0] == 0
+    blocker = (
+        "import sys\n"
+        "class NoTorch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.') or name in ('torchvision', 'timm'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "from visiontune.cli import main\n"
+        f"sys.exit(main(['predict', {str(tmp_path / 'm.onnx')!r}, {str(tiny_data / 'val')!r}, '--format', 'jsonl']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 6
+
+
+def test_report_is_self_contained(tiny_run, capsys):
+    code, out, _ = run_cli(["report", str(tiny_run.path)], capsys)
+    assert code == 0
+    page = Path(out.strip()).read_text()
+    sources = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page)
+    assert sources and all(s.startswith("data:") for s in sources)
+    assert "Training curves" in page and "confusion matrix" in page and "Mistakes" in page
+    assert page.count("<figure") == 6  # every val image is either a mistake or a correct one
+
+
+# --- acceptance on hymenoptera ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hymenoptera_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hym")
+    return visiontune.train(HYMENOPTERA, mode="fixed", epochs=5, out=str(tmp / "run"), cache_dir=str(tmp / "cache"),
+                            quiet=True)
+
+
+@needs_hymenoptera()
+@pytest.mark.integration
+def test_hymenoptera_eval_and_predict_reproduce_training_metrics(hymenoptera_run, capsys):
+    run = hymenoptera_run.path
+    with (run / "metrics.csv").open() as f:
+        best = list(csv.DictReader(f))[hymenoptera_run.best_epoch - 1]
+    code, out, _ = run_cli(["eval", str(run), "--format", "json"], capsys)
+    result = json.loads(out)
+    assert result["n"] == 153 and result["accuracy"] == float(best["val_acc"])
+    assert result["loss"] == pytest.approx(float(best["val_loss"]), abs=1e-4)
+
+    code, out, _ = run_cli(["predict", str(run), str(HYMENOPTERA / "val"), "--format", "jsonl"], capsys)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(rows) == 153
+    nll = [-math.log(r["probs"][Path(r["path"]).parent.name]) for r in rows]
+    assert sum(nll) / len(nll) == pytest.approx(float(best["val_loss"]), abs=1e-4)
+
+
+@needs_hymenoptera()
+@pytest.mark.integration
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_hymenoptera_exports_agree_on_every_val_image(hymenoptera_run, fmt, tmp_path):
+    from visiontune.export import export_run
+
+    path, diff = export_run(hymenoptera_run.path, fmt, tmp_path / f"m.{fmt}", check_images=None)
+    assert diff <= 1e-4
