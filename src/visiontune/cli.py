@@ -178,6 +178,7 @@ COMMANDS = {"train": _cmd_train, "models": _cmd_models, "datasets": _cmd_dataset
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
     try:
         return COMMANDS[args.command](args)
     except VisiontuneError as exc:

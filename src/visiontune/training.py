@@ -24,6 +24,7 @@ from .errors import UsageError
 from .features import FeatureBatches, FeatureCache, extract_features
 from .images import DecodeCache, decode_array, default_cache_dir
 from .known.datasets import resolve_dataset
+from .memory import release_freed_memory
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
 
 METRICS_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
@@ -199,7 +200,8 @@ def run_training(cfg: TrainConfig) -> Run:
         frozen = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     feature_cache = FeatureCache(cache_dir, {"arch": backbone.timm_name, "weights": weights_source,
-                                             "pre": pre.to_json(), "channels_last": cfg.channels_last})
+                                             "pre": pre.to_json(), "channels_last": cfg.channels_last,
+                                             "folded_bn": True})
 
     def features_of(items: list[tuple[Path, int]], views: int) -> torch.Tensor:
         return extract_features(model, [p for p, _ in items], decode, pre, views, cfg.seed,
@@ -219,6 +221,7 @@ def run_training(cfg: TrainConfig) -> Run:
     else:
         if cfg.mode == "finetune" and cfg.head_init == "probe":
             fit_probe(classifier, features_of(train_items, 1), train_labels, cfg, generator)
+            release_freed_memory()
         trainable = model
         if cfg.mode == "fixed" and cfg.views == 1:
             train_transform = EvalTransform(pre)  # the same single un-augmented view as the cached path
@@ -254,6 +257,7 @@ def run_training(cfg: TrainConfig) -> Run:
         train_stats: EpochStats = train_one_epoch(
             trainable, progress(train_batches, steps_per_epoch, f"epoch {epoch} train"), optimizer,
             step_prepare, scheduler, frozen_for_step, label_smoothing=cfg.label_smoothing)
+        release_freed_memory()
         val_stats = evaluate(trainable, progress(val_batches, len(val_batches), f"epoch {epoch} val"), step_prepare,
                              label_smoothing=cfg.label_smoothing)
         # The learning rate of the epoch's last optimizer step (the scheduler already points past it).
