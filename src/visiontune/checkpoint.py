@@ -82,3 +82,53 @@ def load_model(run: Path) -> tuple[nn.Module, dict]:
     model.load_state_dict(load_weights(weights))
     model.eval()
     return model, meta
+
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every random stream a run draws from, in types `torch.load(weights_only=True)` accepts."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+        "sampler": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    generator.set_state(state["sampler"])
+
+
+def save_training_state(path: Path, state: dict) -> None:
+    """last.ckpt: atomically, so a kill at any moment leaves the previous one intact."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    _atomic_write(Path(path), lambda f: f.write(buffer.getvalue()))
+
+
+def load_training_state(path: Path) -> dict:
+    """Read last.ckpt without executing code: `weights_only=True` refuses any pickled object."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UsageError(
+            f"{path}: is not a checkpoint visiontune can load safely ({type(exc).__name__}); "
+            "it may be damaged or not written by visiontune, so start a new run instead."
+        ) from None

@@ -8,14 +8,15 @@ import json
 import sys
 
 from .config import BN_POLICIES, HEAD_INITS, MODES, OPTIMIZERS, SCHEDULES, TrainConfig
-from .errors import VisiontuneError
+from .errors import UsageError, VisiontuneError
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a pretrained backbone on a folder of images",
                        description="Train on DATA: a folder (train/ and val/, or one folder per class), "
                                    "a path,label CSV, or a known data set name (hymenoptera).")
-    p.add_argument("data", metavar="DATA")
+    p.add_argument("data", metavar="DATA", nargs="?")
+    p.add_argument("--resume", metavar="RUN", help="continue a stopped or killed run from RUN/last.ckpt")
     p.add_argument("--mode", choices=MODES, default="finetune",
                    help="finetune: train every weight (default); fixed: frozen backbone, new head only")
     p.add_argument("--model", default=TrainConfig.model, help="backbone (see `visiontune models`)")
@@ -48,9 +49,16 @@ def _train_parser(sub) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import train
+    from .training import resume, train
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "data")}
+    if args.resume:
+        if args.data:
+            raise UsageError(f"--resume {args.resume}: takes its data and settings from the run; drop DATA ({args.data}).")
+        resume(args.resume, quiet=args.quiet)
+        return 0
+    if not args.data:
+        raise UsageError("DATA is missing: pass a folder, a CSV or a known data set name (hymenoptera), or --resume RUN.")
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "data", "resume")}
     train(args.data, **settings)
     return 0
 

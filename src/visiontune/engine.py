@@ -31,6 +31,15 @@ class EpochStats:
     accuracy: float
     n: int
     seconds: float
+    completed: bool = True  # False when `should_stop` ended the epoch early
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The training loss became NaN or infinite at optimizer step `step` (1-based) of the epoch."""
+
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss {value} at step {step}")
+        self.step, self.value = step, value
 
 
 @dataclass
@@ -70,24 +79,31 @@ def train_one_epoch(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     device: torch.device | str = "cpu",
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> EpochStats:
     """One pass over `batches`, one optimizer step per batch.
 
     `reduction="mean"` optimises the batch mean of per-sample losses;
     `"sum"` optimises their sum (equivalent to "mean" with the learning rate
     multiplied by the batch size, for SGD without weight decay).
+    A non-finite loss raises `NonFiniteLoss` before the step that would spread
+    it into the weights (one scalar check per step: free on a CPU). After each
+    step `should_stop()` is asked whether to end the epoch early (Ctrl-C).
     """
     start = time.perf_counter()
     set_train_mode(model, frozen)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
+    completed = True
     with torch.set_grad_enabled(True):
-        for images, targets in batches:
+        for step, (images, targets) in enumerate(batches, start=1):
             inputs, targets = prepare(images.to(device)), targets.to(device)
             logits = model(inputs)
             losses = per_sample_loss(logits, targets, class_weights, label_smoothing)
             objective = losses.sum() if reduction == "sum" else losses.mean()
+            if not torch.isfinite(objective):
+                raise NonFiniteLoss(step, float(objective.detach()))
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()
@@ -96,9 +112,12 @@ def train_one_epoch(
             loss_sum += losses.detach().sum()
             correct += (logits.detach().argmax(dim=1) == targets).sum()
             n += targets.shape[0]
+            if should_stop():
+                completed = False
+                break
     # One synchronisation per epoch: the only place running sums become floats.
     return EpochStats(loss=loss_sum.item() / max(n, 1), accuracy=correct.item() / max(n, 1), n=n,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, completed=completed)
 
 
 def evaluate(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
@@ -19,8 +20,8 @@ from torch import nn
 from . import backbones, checkpoint
 from .config import TrainConfig
 from .data import ImageDataset, Splits, discover
-from .engine import EpochStats, evaluate, is_better, train_one_epoch
-from .errors import UsageError
+from .engine import EpochStats, NonFiniteLoss, evaluate, is_better, train_one_epoch
+from .errors import UsageError, VisiontuneError
 from .features import FeatureBatches, FeatureCache, extract_features
 from .images import DecodeCache, decode_array, default_cache_dir
 from .known.datasets import resolve_dataset
@@ -54,6 +55,25 @@ def train(data: str | Path, **settings) -> Run:
     if unknown:
         raise UsageError(f"train() got unknown setting(s) {', '.join(sorted(unknown))}; see visiontune.TrainConfig.")
     return run_training(TrainConfig(data=str(data), **settings).resolved())
+
+
+def resume(run_dir: str | Path, quiet: bool = False) -> Run:
+    """Continue a run from its last.ckpt; the result equals the uninterrupted run (on CPU, bitwise)."""
+    run_dir = Path(run_dir)
+    config_path, state_path = run_dir / "config.json", run_dir / checkpoint.LAST_CHECKPOINT
+    if not config_path.is_file() or not state_path.is_file():
+        raise UsageError(f"--resume {run_dir}: has no config.json and last.ckpt; pass a run folder written by "
+                         "`visiontune train`.")
+    settings = json.loads(config_path.read_text())["config"]
+    cfg = TrainConfig(**{**settings, "out": str(run_dir), "quiet": quiet or settings.get("quiet", False)})
+    state = checkpoint.load_training_state(state_path)
+    if state["epoch"] >= cfg.epochs:
+        raise UsageError(f"--resume {run_dir}: the run already finished all {cfg.epochs} epochs.")
+    return run_training(cfg.resolved(), resume_state=state)
+
+
+class Interrupted(VisiontuneError):
+    exit_code = 130
 
 
 def resolve_data(cfg: TrainConfig) -> Splits:
@@ -147,10 +167,12 @@ def write_splits(run_dir: Path, splits: Splits) -> None:
                 writer.writerow([str(path), splits.classes[label]])
 
 
-def run_training(cfg: TrainConfig) -> Run:
+def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
     started = time.perf_counter()
     splits = resolve_data(cfg)
-    run_dir = choose_run_dir(cfg, splits)
+    run_dir = Path(cfg.out) if resume_state is not None else choose_run_dir(cfg, splits)
+    if resume_state is not None:
+        _check_same_splits(run_dir, splits)
     backbone = backbones.resolve(cfg.model)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -165,12 +187,13 @@ def run_training(cfg: TrainConfig) -> Run:
         model = model.to(memory_format=torch.channels_last)
 
     ensure_writable(run_dir)
-    checkpoint.write_json(run_dir / "config.json", {
-        "config": cfg.to_json(),
-        "data": {"root": str(splits.root.resolve()), "layout": splits.layout, "classes": classes,
-                 "counts": splits.counts(), "auto_split": splits.auto_split},
-    })
-    write_splits(run_dir, splits)
+    if resume_state is None:
+        checkpoint.write_json(run_dir / "config.json", {
+            "config": cfg.to_json(),
+            "data": {"root": str(splits.root.resolve()), "layout": splits.layout, "classes": classes,
+                     "counts": splits.counts(), "auto_split": splits.auto_split},
+        })
+        write_splits(run_dir, splits)
     model_meta = {
         "format_version": checkpoint.FORMAT_VERSION,
         "backbone": backbone.name,
@@ -219,7 +242,7 @@ def run_training(cfg: TrainConfig) -> Run:
         step_prepare = lambda x: x  # noqa: E731
         frozen_for_step: list[nn.Module] = []
     else:
-        if cfg.mode == "finetune" and cfg.head_init == "probe":
+        if cfg.mode == "finetune" and cfg.head_init == "probe" and resume_state is None:
             fit_probe(classifier, features_of(train_items, 1), train_labels, cfg, generator)
             release_freed_memory()
         trainable = model
@@ -248,36 +271,76 @@ def run_training(cfg: TrainConfig) -> Run:
 
     run = Run(path=run_dir, config=cfg, classes=classes)
     metrics_path = run_dir / "metrics.csv"
-    with metrics_path.open("w", newline="") as f:
-        csv.writer(f).writerow(METRICS_HEADER)
     best_state: dict[str, torch.Tensor] | None = None
     best: tuple[float, float] | None = None
-    for epoch in range(1, cfg.epochs + 1):
-        epoch_start = time.perf_counter()
-        train_stats: EpochStats = train_one_epoch(
-            trainable, progress(train_batches, steps_per_epoch, f"epoch {epoch} train"), optimizer,
-            step_prepare, scheduler, frozen_for_step, label_smoothing=cfg.label_smoothing)
-        release_freed_memory()
-        val_stats = evaluate(trainable, progress(val_batches, len(val_batches), f"epoch {epoch} val"), step_prepare,
-                             label_smoothing=cfg.label_smoothing)
-        # The learning rate of the epoch's last optimizer step (the scheduler already points past it).
-        lr = cfg.lr * lr_multiplier(cfg.schedule, epoch * steps_per_epoch - 1, steps_per_epoch, cfg.epochs,
-                                    cfg.warmup_epochs)
-        row = {"epoch": epoch, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
-               "val_loss": val_stats.loss, "val_acc": val_stats.accuracy, "lr": lr,
-               "seconds": time.perf_counter() - epoch_start}
-        run.metrics.append(row)
-        with metrics_path.open("a", newline="") as f:
-            csv.writer(f).writerow([row[k] if k == "epoch" else f"{row[k]:.6g}" if k in ("lr", "seconds") else repr(row[k]) for k in METRICS_HEADER])
-        _say(cfg, f"epoch {epoch}/{cfg.epochs}  train loss {train_stats.loss:.4f} acc {train_stats.accuracy:.4f}  "
-                  f"val loss {val_stats.loss:.4f} acc {val_stats.accuracy:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s")
-        if is_better(val_stats.accuracy, val_stats.loss, best):
-            best = (val_stats.accuracy, val_stats.loss)
-            run.best_epoch, run.best_val_acc, run.best_val_loss = epoch, val_stats.accuracy, val_stats.loss
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            checkpoint.save_weights(run_dir / checkpoint.BEST_WEIGHTS, best_state)
-            checkpoint.write_json(run_dir / checkpoint.MODEL_JSON, {
-                **model_meta, "best_epoch": epoch, "val_acc": val_stats.accuracy, "val_loss": val_stats.loss})
+    first_epoch = 1
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        checkpoint.set_rng_state(resume_state["rng"], generator)
+        run.metrics = list(resume_state["metrics"])
+        if resume_state["best"] is not None:
+            run.best_epoch, run.best_val_acc, run.best_val_loss = resume_state["best"]
+            best = (run.best_val_acc, run.best_val_loss)
+            best_state = checkpoint.load_weights(run_dir / checkpoint.BEST_WEIGHTS)
+        first_epoch = resume_state["epoch"] + 1
+        _say(cfg, f"resuming {run_dir} after epoch {resume_state['epoch']}")
+    # Rewritten from the checkpoint on resume: drops any row of an epoch that did not finish.
+    with metrics_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(METRICS_HEADER)
+        writer.writerows(_metrics_cells(row) for row in run.metrics)
+
+    def save_state(epoch: int) -> None:
+        checkpoint.save_training_state(run_dir / checkpoint.LAST_CHECKPOINT, {
+            "format_version": checkpoint.FORMAT_VERSION, "epoch": epoch, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": checkpoint.rng_state(generator), "metrics": run.metrics,
+            "best": (run.best_epoch, run.best_val_acc, run.best_val_loss) if best else None})
+
+    if resume_state is None:
+        save_state(0)  # so that even a run stopped in its first epoch can be resumed
+    stop = _StopOnSigint()
+    with stop:
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            epoch_start = time.perf_counter()
+            try:
+                train_stats: EpochStats = train_one_epoch(
+                    trainable, progress(train_batches, steps_per_epoch, f"epoch {epoch} train"), optimizer,
+                    step_prepare, scheduler, frozen_for_step, label_smoothing=cfg.label_smoothing,
+                    should_stop=stop.requested)
+            except NonFiniteLoss as exc:
+                raise VisiontuneError(
+                    f"training stopped: the loss became {exc.value} at epoch {epoch}, step {exc.step}; likely a "
+                    f"learning rate too high (--lr {cfg.lr}) or bad input; the last good state is "
+                    f"{run_dir / checkpoint.LAST_CHECKPOINT} (epoch {epoch - 1}).") from None
+            if not train_stats.completed:
+                raise Interrupted(
+                    f"interrupted in epoch {epoch}; the state after epoch {epoch - 1} is saved in "
+                    f"{run_dir / checkpoint.LAST_CHECKPOINT}; continue with: visiontune train --resume {run_dir}")
+            release_freed_memory()
+            val_stats = evaluate(trainable, progress(val_batches, len(val_batches), f"epoch {epoch} val"),
+                                 step_prepare, label_smoothing=cfg.label_smoothing)
+            # The learning rate of the epoch's last optimizer step (the scheduler already points past it).
+            lr = cfg.lr * lr_multiplier(cfg.schedule, epoch * steps_per_epoch - 1, steps_per_epoch, cfg.epochs,
+                                        cfg.warmup_epochs)
+            row = {"epoch": epoch, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
+                   "val_loss": val_stats.loss, "val_acc": val_stats.accuracy, "lr": lr,
+                   "seconds": time.perf_counter() - epoch_start}
+            run.metrics.append(row)
+            with metrics_path.open("a", newline="") as f:
+                csv.writer(f).writerow(_metrics_cells(row))
+            _say(cfg, f"epoch {epoch}/{cfg.epochs}  train loss {train_stats.loss:.4f} acc {train_stats.accuracy:.4f}  "
+                      f"val loss {val_stats.loss:.4f} acc {val_stats.accuracy:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s")
+            if is_better(val_stats.accuracy, val_stats.loss, best):
+                best = (val_stats.accuracy, val_stats.loss)
+                run.best_epoch, run.best_val_acc, run.best_val_loss = epoch, val_stats.accuracy, val_stats.loss
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                checkpoint.save_weights(run_dir / checkpoint.BEST_WEIGHTS, best_state)
+                checkpoint.write_json(run_dir / checkpoint.MODEL_JSON, {
+                    **model_meta, "best_epoch": epoch, "val_acc": val_stats.accuracy, "val_loss": val_stats.loss})
+            save_state(epoch)
 
     # The run's result is the best epoch's weights, not the last epoch's.
     model.load_state_dict(best_state)
@@ -290,6 +353,58 @@ def run_training(cfg: TrainConfig) -> Run:
 
 
 PROBE_EPOCHS = 10
+
+
+def _metrics_cells(row: dict) -> list:
+    # repr keeps every bit of the float, so a resumed run's file can equal an uninterrupted one's.
+    return [row[k] if k == "epoch" else f"{row[k]:.6g}" if k in ("lr", "seconds") else repr(row[k])
+            for k in METRICS_HEADER]
+
+
+def _check_same_splits(run_dir: Path, splits: Splits) -> None:
+    for split, items in splits.samples.items():
+        path = run_dir / "splits" / f"{split}.csv"
+        with path.open(newline="") as f:
+            recorded = [(row["path"], row["label"]) for row in csv.DictReader(f)]
+        if recorded != [(str(p), splits.classes[y]) for p, y in items]:
+            raise UsageError(f"--resume {run_dir}: the {split} images differ from those the run started with; "
+                             "restore the data or start a new run.")
+
+
+class _StopOnSigint:
+    """Ctrl-C asks the loop to stop after the current step instead of killing it mid-write.
+
+    A second Ctrl-C falls through to Python's default (KeyboardInterrupt).
+    Only installed in the main thread (signal handlers cannot be set elsewhere).
+    """
+
+    def __init__(self):
+        self.flag = False
+        self.previous = None
+
+    def requested(self) -> bool:
+        return self.flag
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        print("\nstopping after this step (Ctrl-C again to abort now)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 def fit_probe(classifier: nn.Module, features: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
