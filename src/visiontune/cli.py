@@ -45,6 +45,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--cache-dir")
     p.add_argument("--decode-cache-gb", type=float, default=TrainConfig.decode_cache_gb)
     p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false")
+    p.add_argument("--strict", action="store_true", help="stop on unreadable images instead of leaving them out")
     p.add_argument("--quiet", action="store_true", help="print only the final line")
 
 
@@ -146,12 +147,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import diagnose, format_report
+
+    report = diagnose(args.data)
+    print(json.dumps(report, indent=2) if args.format == "json" else format_report(report))
+    return 1 if report["problems"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visiontune", description="Fine-tune pretrained image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     sub.add_parser("models", help="list registered backbones and whether they work offline")
     sub.add_parser("datasets", help="list known data sets and whether they are on this machine")
+
+    p = sub.add_parser("doctor", help="decode every image and report what is wrong with the data")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = sub.add_parser("eval", help="metrics of a run on its val/test split or on DATA")
     p.add_argument("run", metavar="RUN")
@@ -181,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"train": _cmd_train, "models": _cmd_models, "datasets": _cmd_datasets, "eval": _cmd_eval,
-            "report": _cmd_report, "predict": _cmd_predict, "export": _cmd_export}
+            "report": _cmd_report, "doctor": _cmd_doctor, "predict": _cmd_predict, "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

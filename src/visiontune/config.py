@@ -78,6 +78,8 @@ class TrainConfig:
     """Upper bound for newly cached decoded images; past it images are decoded every epoch."""
     feature_cache: bool = True
     """Fixed mode: compute backbone features once and train the head on them."""
+    strict: bool = False
+    """Stop on unreadable images instead of leaving them out with a warning."""
     quiet: bool = False
 
     def resolved(self) -> "TrainConfig":

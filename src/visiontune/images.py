@@ -13,11 +13,13 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+MAX_PIXELS = 89_478_485  # Pillow's default decompression-bomb threshold
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
 
 
@@ -45,7 +47,13 @@ def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
 
 def decode_rgb(path: str | Path, short_side: int | None = None, interpolation: str = "bicubic") -> Image.Image:
     """Open `path`, apply EXIF orientation, convert to RGB, optionally resize the shorter side."""
-    with Image.open(path) as image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below
+        image = Image.open(path)
+    with image:
+        w, h = image.size
+        if w * h > MAX_PIXELS:  # checked from the header, before any pixel is allocated
+            raise ValueError(f"decompression bomb: {w}x{h} pixels is over the {MAX_PIXELS:,} limit; refused")
         if short_side is not None and image.format == "JPEG":
             # Ask libjpeg for the smallest DCT scale that keeps both sides at or
             # above the target; EXIF rotation may swap sides, so use the short one.
@@ -122,7 +130,20 @@ class DecodeCache:
                 return np.load(entry, mmap_mode="r")
             except (ValueError, OSError):
                 entry.unlink(missing_ok=True)  # damaged entry: decode again
-        array = decode_array(path, self.short_side, self.interpolation)
+        known_bad = entry.with_suffix(".bad")
+        if known_bad.is_file():
+            raise ValueError(known_bad.read_text())
+        try:
+            array = decode_array(path, self.short_side, self.interpolation)
+        except Exception as exc:
+            # Remember the failure (same key: path, size, mtime), so the next run does not decode it again.
+            reason = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            try:
+                known_bad.parent.mkdir(parents=True, exist_ok=True)
+                known_bad.write_text(reason)
+            except OSError:
+                pass
+            raise
         if self.bytes_written + array.nbytes <= self.max_bytes:
             try:
                 atomic_save_npy(entry, array)

@@ -21,7 +21,7 @@ from . import backbones, checkpoint
 from .config import TrainConfig
 from .data import ImageDataset, Splits, discover
 from .engine import EpochStats, NonFiniteLoss, evaluate, is_better, train_one_epoch
-from .errors import UsageError, VisiontuneError
+from .errors import DataError, UsageError, VisiontuneError
 from .features import FeatureBatches, FeatureCache, extract_features
 from .images import DecodeCache, decode_array, default_cache_dir
 from .known.datasets import resolve_dataset
@@ -171,8 +171,6 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
     started = time.perf_counter()
     splits = resolve_data(cfg)
     run_dir = Path(cfg.out) if resume_state is not None else choose_run_dir(cfg, splits)
-    if resume_state is not None:
-        _check_same_splits(run_dir, splits)
     backbone = backbones.resolve(cfg.model)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -186,7 +184,30 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
+    progress = _progress(cfg.quiet)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    decode = DecodeCache(pre.resize, pre.interpolation, cache_dir, int(cfg.decode_cache_gb * (1 << 30))) \
+        if cfg.decode_cache_gb > 0 else (lambda p: decode_array(p, pre.resize, pre.interpolation))
+    # Every image is decoded once before the first epoch, so a bad file can never stop training mid-epoch.
+    excluded = _screen_images(decode, [p for items in splits.samples.values() for p, _ in items], progress)
+    if excluded:
+        if cfg.strict:
+            first = next(iter(excluded.items()))
+            raise DataError(f"{len(excluded)} image(s) cannot be used, e.g. {first[0]}: {first[1]}; fix or remove "
+                            "them (visiontune doctor DATA lists all), or drop --strict to leave them out.")
+        splits.samples = {s: [(p, y) for p, y in items if str(p) not in excluded] for s, items in splits.samples.items()}
+        shown = "; ".join(f"{Path(p).name}: {why}" for p, why in list(excluded.items())[:3])
+        print(f"warning: left out {len(excluded)} unreadable image(s) (listed in {run_dir / 'excluded.csv'}): "
+              f"{shown}{' ...' if len(excluded) > 3 else ''}", file=sys.stderr)
+    if resume_state is not None:
+        _check_same_splits(run_dir, splits)
+
     ensure_writable(run_dir)
+    if excluded and resume_state is None:
+        with (run_dir / "excluded.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "reason"])
+            writer.writerows(excluded.items())
     if resume_state is None:
         checkpoint.write_json(run_dir / "config.json", {
             "config": cfg.to_json(),
@@ -203,11 +224,6 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
         "weights_source": weights_source,
         "mode": cfg.mode,
     }
-    progress = _progress(cfg.quiet)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    decode = DecodeCache(pre.resize, pre.interpolation, cache_dir, int(cfg.decode_cache_gb * (1 << 30))) \
-        if cfg.decode_cache_gb > 0 else (lambda p: decode_array(p, pre.resize, pre.interpolation))
-    _warm_decode_cache(decode, [p for items in splits.samples.values() for p, _ in items], progress)
 
     train_items, val_items = splits.samples["train"], splits.samples["val"]
     prepare = lambda images: normalize_batch(images, pre, cfg.channels_last)  # noqa: E731
@@ -428,11 +444,21 @@ def _default_train_size(eval_size: int) -> int:
     return max(32, int(round(eval_size * 5 / 7 / 16)) * 16)
 
 
-def _warm_decode_cache(decode, paths: list[Path], progress) -> None:
-    """Decode every image once up front, two threads per core pair (Pillow releases the GIL)."""
-    if not isinstance(decode, DecodeCache):
-        return
+def _screen_images(decode, paths: list[Path], progress) -> dict[str, str]:
+    """Decode every image once (two threads: Pillow releases the GIL); return {path: reason} of failures.
+
+    With the decode cache, a good image is decoded only on the first run and a
+    bad one is remembered as bad (keyed by size and mtime), so later runs screen
+    from the cache.
+    """
+    def attempt(path: Path) -> str | None:
+        try:
+            decode(path)
+            return None
+        except Exception as exc:  # any failure to read or decode leaves the image out
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
     workers = max(1, min(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
-        for _ in progress(pool.map(decode, paths), len(paths), "decoding"):
-            pass
+        reasons = list(progress(pool.map(attempt, paths), len(paths), "checking images"))
+    return {str(p): why for p, why in zip(paths, reasons) if why is not None}
