@@ -7,7 +7,7 @@ import csv
 import json
 import sys
 
-from .config import BN_POLICIES, HEAD_INITS, MODES, OPTIMIZERS, SCHEDULES, TrainConfig
+from .config import AUGMENTS, BN_POLICIES, CLASS_WEIGHTS, HEAD_INITS, MODES, OPTIMIZERS, SAMPLERS, SCHEDULES, TrainConfig
 from .errors import UsageError, VisiontuneError
 
 
@@ -33,6 +33,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--bn", choices=BN_POLICIES, default=TrainConfig.bn,
                    help="fine-tune BatchNorm statistics: train (default) or frozen")
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--augment", choices=AUGMENTS, default=TrainConfig.augment)
+    p.add_argument("--class-weights", choices=CLASS_WEIGHTS, default=TrainConfig.class_weights)
+    p.add_argument("--sampler", choices=SAMPLERS, default=TrainConfig.sampler)
+    p.add_argument("--accumulate", type=int, default=1, help="optimizer step every K batches")
+    p.add_argument("--patience", type=int, help="stop after this many epochs without val improvement")
+    p.add_argument("--lr-decay", type=float, help="layer-wise lr decay per block group, e.g. 0.7")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="run folder (default runs/<data>-<mode>); must be new or empty")
     p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
@@ -155,12 +161,39 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if report["problems"] else 0
 
 
+def _cmd_lr_find(args: argparse.Namespace) -> int:
+    from .lr_find import lr_find
+
+    settings = {k: v for k, v in vars(args).items()
+                if k in ("mode", "model", "weights", "batch_size", "optimizer", "seed", "cache_dir", "bn")
+                and v is not None}
+    result = lr_find(args.data, steps=args.steps, start=args.start, end=args.end, plot=args.plot, **settings)
+    print(f"suggested learning rates: valley {result['valley']:.2e}, steepest {result['steepest']:.2e} "
+          f"({len(result['lrs'])} steps; plot {result['plot']})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visiontune", description="Fine-tune pretrained image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     sub.add_parser("models", help="list registered backbones and whether they work offline")
     sub.add_parser("datasets", help="list known data sets and whether they are on this machine")
+
+    p = sub.add_parser("lr-find", help="learning-rate range test: suggests a learning rate, changes nothing")
+    p.add_argument("data", metavar="DATA")
+    p.add_argument("--mode", choices=MODES, default="finetune")
+    p.add_argument("--model", default=TrainConfig.model)
+    p.add_argument("--weights")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--bn", choices=BN_POLICIES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--start", type=float, default=1e-6)
+    p.add_argument("--end", type=float, default=1.0)
+    p.add_argument("--plot", default="lr_find.png", help="where to save the loss-vs-lr plot")
 
     p = sub.add_parser("doctor", help="decode every image and report what is wrong with the data")
     p.add_argument("data", metavar="DATA")
@@ -194,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"train": _cmd_train, "models": _cmd_models, "datasets": _cmd_datasets, "eval": _cmd_eval,
-            "report": _cmd_report, "doctor": _cmd_doctor, "predict": _cmd_predict, "export": _cmd_export}
+            "report": _cmd_report, "doctor": _cmd_doctor, "lr-find": _cmd_lr_find, "predict": _cmd_predict, "export": _cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

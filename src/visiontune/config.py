@@ -9,7 +9,10 @@ from .errors import UsageError
 DEFAULT_BACKBONE = "efficientnet_lite0"
 MODES = ("finetune", "fixed")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "onecycle", "constant")
+AUGMENTS = ("none", "light", "strong")
+SAMPLERS = ("random", "balanced")
+CLASS_WEIGHTS = ("none", "auto")
 HEAD_INITS = ("probe", "random")
 BN_POLICIES = ("frozen", "train")
 
@@ -46,13 +49,29 @@ class TrainConfig:
     weight_decay: float = 1e-4
     """Applied to weights of convolutions and linear layers only, not to norms and biases."""
     schedule: str | None = None
-    """cosine (per step, after linear warmup), step (x0.1 every 7 epochs: the tutorial's), constant."""
+    """cosine (per step, after linear warmup), step (x0.1 every 7 epochs: the tutorial's),
+    onecycle (30% linear rise from lr/25, then cosine down to lr/1e4), constant."""
     warmup_epochs: float | None = None
     bn: str = "train"
     """Fine-tune BatchNorm policy. train: statistics follow the training batches (measured best on
     hymenoptera, docs/performance.md); frozen: running statistics stay the pretrained ones (layers in
     eval mode, affine weights still trained), as Keras recommends."""
     label_smoothing: float = 0.0
+    augment: str = "light"
+    """Training augmentation: none (center crop, as in eval), light (random resized crop 25-100% + flip),
+    strong (light + TrivialAugmentWide)."""
+    class_weights: str = "none"
+    """auto: weight each class's loss by N / (classes * count), for imbalanced data (training loss only;
+    val loss stays the plain mean cross-entropy so epochs and runs compare)."""
+    sampler: str = "random"
+    """balanced: draw training images with probability inversely proportional to their class size."""
+    accumulate: int = 1
+    """Optimizer step every K batches, on the gradient of all K*B samples."""
+    patience: int | None = None
+    """Stop when val has not improved (accuracy, then loss) for this many epochs."""
+    lr_decay: float | None = None
+    """Layer-wise learning-rate decay for fine-tuning: each block group from the head down gets lr
+    multiplied by this factor once more (e.g. 0.7); None: one learning rate."""
     seed: int = 0
     out: str | None = None
     """Run folder; default runs/<data name>-<mode>[-N]."""
@@ -114,6 +133,12 @@ class TrainConfig:
         need(self.image_size is None or self.image_size >= 32, "--image-size", self.image_size, "use 32 or more")
         need(self.train_size is None or self.train_size >= 32, "--train-size", self.train_size, "use 32 or more")
         need(self.head_init in HEAD_INITS, "--head-init", self.head_init, f"use one of {', '.join(HEAD_INITS)}")
+        need(self.augment in AUGMENTS, "--augment", self.augment, f"use one of {', '.join(AUGMENTS)}")
+        need(self.class_weights in CLASS_WEIGHTS, "--class-weights", self.class_weights, "use none or auto")
+        need(self.sampler in SAMPLERS, "--sampler", self.sampler, "use random or balanced")
+        need(self.accumulate >= 1, "--accumulate", self.accumulate, "use 1 or more")
+        need(self.patience is None or self.patience >= 1, "--patience", self.patience, "use 1 or more")
+        need(self.lr_decay is None or 0 < self.lr_decay <= 1, "--lr-decay", self.lr_decay, "use a value in (0, 1]")
         need(self.bn in BN_POLICIES, "--bn", self.bn, f"use one of {', '.join(BN_POLICIES)}")
         need(self.threads is None or self.threads >= 1, "--threads", self.threads, "use 1 or more")
         need(self.decode_cache_gb >= 0, "--decode-cache-gb", self.decode_cache_gb, "use 0 (no cache) or more")

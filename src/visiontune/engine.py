@@ -80,14 +80,20 @@ def train_one_epoch(
     reduction: str = "mean",
     device: torch.device | str = "cpu",
     should_stop: Callable[[], bool] = lambda: False,
+    accumulate: int = 1,
 ) -> EpochStats:
-    """One pass over `batches`, one optimizer step per batch.
+    """One pass over `batches`; one optimizer step per `accumulate` batches.
 
-    `reduction="mean"` optimises the batch mean of per-sample losses;
-    `"sum"` optimises their sum (equivalent to "mean" with the learning rate
-    multiplied by the batch size, for SGD without weight decay).
+    `reduction="mean"` optimises the mean of per-sample losses over the
+    samples of one optimizer step; `"sum"` optimises their sum (equivalent to
+    "mean" with the learning rate multiplied by the batch size, for SGD
+    without weight decay). With `accumulate=K`, the gradients of K batches are
+    summed and divided by their total sample count before the step, so K
+    batches of B make exactly the step of one batch of K*B (for a model
+    without BatchNorm, whose statistics see B samples at a time), also for a
+    short last group.
     A non-finite loss raises `NonFiniteLoss` before the step that would spread
-    it into the weights (one scalar check per step: free on a CPU). After each
+    it into the weights (one scalar check per batch: free on a CPU). After each
     step `should_stop()` is asked whether to end the epoch early (Ctrl-C).
     """
     start = time.perf_counter()
@@ -96,25 +102,46 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
     completed = True
+    pending = 0  # samples whose gradients are summed in .grad and not yet stepped
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step() -> None:
+        nonlocal pending
+        if accumulate > 1 and reduction == "mean":
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(pending)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        # Cleared right after the step, i.e. before the next backward: backward adds into .grad.
+        optimizer.zero_grad(set_to_none=True)
+        pending = 0
+
+    optimizer.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(True):
-        for step, (images, targets) in enumerate(batches, start=1):
+        for index, (images, targets) in enumerate(batches, start=1):
             inputs, targets = prepare(images.to(device)), targets.to(device)
             logits = model(inputs)
             losses = per_sample_loss(logits, targets, class_weights, label_smoothing)
-            objective = losses.sum() if reduction == "sum" else losses.mean()
+            if accumulate > 1 or reduction == "sum":
+                objective = losses.sum()  # divided by the group's sample count in step()
+            else:
+                objective = losses.mean()
             if not torch.isfinite(objective):
-                raise NonFiniteLoss(step, float(objective.detach()))
-            optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(index, float(objective.detach()))
             objective.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
+            pending += targets.shape[0]
             loss_sum += losses.detach().sum()
             correct += (logits.detach().argmax(dim=1) == targets).sum()
             n += targets.shape[0]
-            if should_stop():
-                completed = False
-                break
+            if index % accumulate == 0:
+                step()
+                if should_stop():
+                    completed = False
+                    break
+        if pending and completed:
+            step()  # the short last group of an epoch
     # One synchronisation per epoch: the only place running sums become floats.
     return EpochStats(loss=loss_sum.item() / max(n, 1), accuracy=correct.item() / max(n, 1), n=n,
                       seconds=time.perf_counter() - start, completed=completed)

@@ -154,17 +154,18 @@ class FeatureBatches:
     """Shuffled mini-batches of (features, label); each epoch draws one view per sample."""
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator,
-                 shuffle: bool = True):
+                 shuffle: bool = True, sampler=None):
         self.features, self.labels = features, labels
         self.batch_size, self.generator, self.shuffle = batch_size, generator, shuffle
+        # Same sampler as the image DataLoader, so both paths see the same order.
+        self.sampler = sampler or torch.utils.data.RandomSampler(range(labels.shape[0]), generator=generator)
 
     def __len__(self) -> int:
-        return (self.labels.shape[0] + self.batch_size - 1) // self.batch_size
+        return (len(self.sampler) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
         n = self.labels.shape[0]
-        # Same sampler as the image DataLoader, so both paths see the same order.
-        order = torch.tensor(list(torch.utils.data.RandomSampler(range(n), generator=self.generator))) if self.shuffle else torch.arange(n)
+        order = torch.tensor(list(self.sampler)) if self.shuffle else torch.arange(n)
         views = self.features.shape[0]
         chosen = torch.randint(views, (n,), generator=self.generator) if views > 1 else torch.zeros(n, dtype=torch.long)
         for start in range(0, n, self.batch_size):

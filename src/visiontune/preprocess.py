@@ -67,10 +67,16 @@ class TrainTransform:
     """Random resized crop (scale 0.25-1: enough variety for small data without
     throwing away most of the object) and horizontal flip, on uint8 tensors."""
 
-    def __init__(self, pre: Preprocessing, size: int | None = None, scale: tuple[float, float] = (0.25, 1.0)):
-        self.augment = v2.Compose(
-            [v2.RandomResizedCrop(size or pre.size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
-        )
+    def __init__(self, pre: Preprocessing, size: int | None = None, scale: tuple[float, float] = (0.25, 1.0),
+                 strength: str = "light"):
+        size = size or pre.size
+        if strength == "none":
+            steps = [v2.Resize(int(size / pre.crop_pct), antialias=True), v2.CenterCrop(size)]
+        else:
+            steps = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
+            if strength == "strong":
+                steps.append(v2.TrivialAugmentWide())
+        self.augment = v2.Compose(steps)
 
     def __call__(self, array: np.ndarray) -> torch.Tensor:
         return self.augment(to_chw_tensor(array))

@@ -119,11 +119,27 @@ def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) ->
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(cfg: TrainConfig, params: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-    groups = param_groups(params, cfg.weight_decay)
+def make_optimizer(cfg: TrainConfig, params: list[tuple[str, nn.Parameter]],
+                   model: nn.Module | None = None) -> torch.optim.Optimizer:
+    if cfg.lr_decay is not None and model is not None and hasattr(model, "group_matcher"):
+        groups = layer_decay_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_decay)
+    else:
+        groups = param_groups(params, cfg.weight_decay)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, decay: float) -> list[dict]:
+    """Discriminative learning rates: timm's block grouping of the model (stem, each stage, head);
+    the classifier gets `lr`, each group below it one more factor of `decay`."""
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=decay)
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_scale", 1.0)
+        group["params"] = [p for p in group["params"] if p.requires_grad]
+    return [g for g in groups if g["params"]]
 
 
 def lr_multiplier(schedule: str, step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float) -> float:
@@ -134,6 +150,13 @@ def lr_multiplier(schedule: str, step: int, steps_per_epoch: int, epochs: int, w
         return (step + 1) / warmup_steps
     if schedule == "step":  # the tutorial's StepLR(step_size=7, gamma=0.1), per epoch
         return 0.1 ** math.floor(epoch / 7)
+    if schedule == "onecycle":  # 30% linear rise from lr/25, then cosine down to lr/1e4
+        total = epochs * steps_per_epoch
+        rise = 0.3 * total
+        if step < rise:
+            return 1 / 25 + (1 - 1 / 25) * step / rise
+        progress = min(1.0, (step - rise) / max(1.0, total - rise))
+        return 1e-4 + (1 - 1e-4) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "cosine":
         progress = (step - warmup_steps) / max(1.0, epochs * steps_per_epoch - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
@@ -251,7 +274,8 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
     if cfg.mode == "fixed" and cfg.feature_cache:
         # The backbone is a fixed function: compute its features once, train the head on them.
         trainable: nn.Module = classifier
-        train_batches = FeatureBatches(features_of(train_items, cfg.views), train_labels, cfg.batch_size, generator)
+        train_batches = FeatureBatches(features_of(train_items, cfg.views), train_labels, cfg.batch_size, generator,
+                                       sampler=_sampler(cfg, range(len(train_items)), train_labels, generator))
         val_features = features_of(val_items, 1)[0]
         val_labels = torch.tensor([y for _, y in val_items])
         val_batches = list(zip(val_features.split(cfg.eval_batch_size), val_labels.split(cfg.eval_batch_size)))
@@ -265,13 +289,13 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
         if cfg.mode == "fixed" and cfg.views == 1:
             train_transform = EvalTransform(pre)  # the same single un-augmented view as the cached path
         else:
-            train_transform = TrainTransform(pre, cfg.train_size)
+            train_transform = TrainTransform(pre, cfg.train_size, strength=cfg.augment)
         remainder = len(train_items) % cfg.batch_size
         train_batches = torch.utils.data.DataLoader(
             train_set := ImageDataset(train_items, decode, train_transform), batch_size=cfg.batch_size,
             # The generator goes to the sampler only: given to the DataLoader it would also be drawn
             # from for worker seeds, and the order would differ from the cached-feature path's.
-            sampler=torch.utils.data.RandomSampler(train_set, generator=generator), num_workers=0,
+            sampler=_sampler(cfg, train_set, train_labels, generator), num_workers=0,
             # A last batch of one sample breaks BatchNorm in train mode; drop it then.
             drop_last=remainder == 1 and cfg.mode == "finetune")
         val_batches = torch.utils.data.DataLoader(
@@ -280,8 +304,9 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
         frozen_for_step = frozen
 
     params = [(n, p) for n, p in trainable.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
-    steps_per_epoch = len(train_batches)
+    optimizer = make_optimizer(cfg, params, trainable if cfg.mode == "finetune" else None)
+    steps_per_epoch = math.ceil(len(train_batches) / cfg.accumulate)
+    class_weights = inverse_frequency_weights(train_labels, len(classes)) if cfg.class_weights == "auto" else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(cfg.schedule, step, steps_per_epoch, cfg.epochs, cfg.warmup_epochs))
 
@@ -324,8 +349,8 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
             try:
                 train_stats: EpochStats = train_one_epoch(
                     trainable, progress(train_batches, steps_per_epoch, f"epoch {epoch} train"), optimizer,
-                    step_prepare, scheduler, frozen_for_step, label_smoothing=cfg.label_smoothing,
-                    should_stop=stop.requested)
+                    step_prepare, scheduler, frozen_for_step, class_weights=class_weights,
+                    label_smoothing=cfg.label_smoothing, should_stop=stop.requested, accumulate=cfg.accumulate)
             except NonFiniteLoss as exc:
                 raise VisiontuneError(
                     f"training stopped: the loss became {exc.value} at epoch {epoch}, step {exc.step}; likely a "
@@ -357,6 +382,9 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
                 checkpoint.write_json(run_dir / checkpoint.MODEL_JSON, {
                     **model_meta, "best_epoch": epoch, "val_acc": val_stats.accuracy, "val_loss": val_stats.loss})
             save_state(epoch)
+            if cfg.patience is not None and epoch - run.best_epoch >= cfg.patience:
+                _say(cfg, f"early stop: val has not improved for {cfg.patience} epochs")
+                break
 
     # The run's result is the best epoch's weights, not the last epoch's.
     model.load_state_dict(best_state)
@@ -369,6 +397,52 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
 
 
 PROBE_EPOCHS = 10
+
+
+def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """N / (classes * count): a balanced set gets weight 1 everywhere; rare classes weigh more."""
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    return (labels.numel() / (num_classes * counts.clamp(min=1))).float()
+
+
+def _sampler(cfg: TrainConfig, dataset, labels: torch.Tensor, generator: torch.Generator):
+    if cfg.sampler == "balanced":
+        per_class = 1.0 / torch.bincount(labels).double().clamp(min=1)
+        return torch.utils.data.WeightedRandomSampler(per_class[labels], num_samples=len(labels), replacement=True,
+                                                      generator=generator)
+    return torch.utils.data.RandomSampler(dataset, generator=generator)
+
+
+def prepare_training(cfg: TrainConfig):
+    """Model, training batches, input preparation, optimizer and frozen modules as `train` would build
+    them (image loop, no run folder, no probe): for tools such as lr-find that must not touch a run."""
+    splits = resolve_data(cfg)
+    model, _ = backbones.build_classifier(cfg.model, len(splits.classes), Path(cfg.weights) if cfg.weights else None)
+    pre = Preprocessing.from_data_config(backbones.data_config(model), cfg.image_size)
+    train_size = cfg.train_size or (_default_train_size(pre.size) if cfg.mode == "finetune" else pre.size)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    decode = DecodeCache(pre.resize, pre.interpolation, cache_dir)
+    excluded = _screen_images(decode, [p for p, _ in splits.samples["train"]], lambda it, total, desc: it)
+    items = [(p, y) for p, y in splits.samples["train"] if str(p) not in excluded]
+    labels = torch.tensor([y for _, y in items])
+    generator = seed_everything(cfg.seed)
+    dataset = ImageDataset(items, decode, TrainTransform(pre, train_size, strength=cfg.augment))
+    batches = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=0,
+                                          sampler=_sampler(cfg, dataset, labels, generator),
+                                          drop_last=len(items) % cfg.batch_size == 1)
+    frozen: list[nn.Module] = []
+    if cfg.mode == "fixed":
+        classifier = model.get_classifier()
+        for p in model.parameters():
+            p.requires_grad_(classifier is not None and any(p is q for q in classifier.parameters()))
+        frozen = [m for m in model.children() if m is not classifier]
+    elif cfg.bn == "frozen":
+        frozen = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params, model if cfg.mode == "finetune" else None)
+    return model, batches, (lambda images: normalize_batch(images, pre, cfg.channels_last)), optimizer, frozen
 
 
 def _metrics_cells(row: dict) -> list:

@@ -1,0 +1,150 @@
+"""Training recipe options: each one checked by a test that can fail."""
+
+from __future__ import annotations
+
+import copy
+import csv
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import visiontune
+from visiontune.config import TrainConfig
+from visiontune.engine import train_one_epoch
+from visiontune.preprocess import Preprocessing, TrainTransform
+from visiontune.training import (_sampler, inverse_frequency_weights, layer_decay_groups, lr_multiplier,
+                                 make_optimizer, param_groups)
+
+
+def test_accumulating_k_batches_equals_one_big_batch():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(14, 6, generator=g), torch.randint(0, 3, (14,), generator=g)
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    big = copy.deepcopy(small)
+    # 14 samples: K=3 groups of 3 batches of 4 would be 12, then a short group of 2.
+    small_batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 14, 4)]
+    big_batches = [(x[:12], y[:12]), (x[12:], y[12:])]
+    opt_small = torch.optim.SGD(small.parameters(), lr=0.3, momentum=0.9)
+    opt_big = torch.optim.SGD(big.parameters(), lr=0.3, momentum=0.9)
+    a = train_one_epoch(small, small_batches, opt_small, accumulate=3)
+    b = train_one_epoch(big, big_batches, opt_big)
+    for p, q in zip(small.parameters(), big.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+    assert a.loss == pytest.approx(b.loss, abs=1e-6)
+
+
+def test_inverse_frequency_class_weights():
+    w = inverse_frequency_weights(torch.tensor([0, 0, 0, 1]), 2)
+    torch.testing.assert_close(w, torch.tensor([4 / 6, 2.0]))
+    assert torch.equal(inverse_frequency_weights(torch.tensor([0, 1, 0, 1]), 2), torch.ones(2))
+
+
+def test_balanced_sampler_draws_classes_evenly():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    cfg = TrainConfig(data="x", sampler="balanced")
+    drawn = []
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        drawn += labels[list(_sampler(cfg, range(100), labels, g))].tolist()
+    share = sum(drawn) / len(drawn)
+    assert 0.45 < share < 0.55
+    plain = labels[list(_sampler(TrainConfig(data="x"), range(100), labels, g))]
+    assert plain.sum().item() == 10  # the plain sampler is a permutation
+
+
+def test_onecycle_schedule():
+    assert lr_multiplier("onecycle", 0, 10, 10, 0) == pytest.approx(1 / 25)
+    assert lr_multiplier("onecycle", 30, 10, 10, 0) == pytest.approx(1.0)
+    assert lr_multiplier("onecycle", 100, 10, 10, 0) == pytest.approx(1e-4)
+
+
+def test_weight_decay_skips_norms_and_biases():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    decay, no_decay = param_groups(list(model.named_parameters()), 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
+    assert len(no_decay["params"]) == 4  # conv bias, BN weight+bias, linear bias
+
+
+def test_layer_decay_gives_lower_rates_to_earlier_blocks(tiny_weights):
+    from visiontune.backbones import build_classifier
+
+    model, _ = build_classifier("test_efficientnet", 2, tiny_weights)
+    groups = layer_decay_groups(model, 0.01, 1e-4, 0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(model.classifier.weight)] == pytest.approx(0.01)
+    assert lr_of[id(model.conv_stem.weight)] < lr_of[id(model.blocks[-1][0].conv_pw.weight)] < 0.01
+    optimizer = make_optimizer(TrainConfig(data="x", lr=0.01, lr_decay=0.5, optimizer="adamw"),
+                               list(model.named_parameters()), model)
+    assert isinstance(optimizer, torch.optim.AdamW) and len({g["lr"] for g in optimizer.param_groups}) > 2
+
+
+def test_augment_levels():
+    pre = Preprocessing(size=32, resize=36, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875)
+    image = np.random.default_rng(0).integers(0, 255, (36, 48, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    none = TrainTransform(pre, strength="none")
+    assert torch.equal(none(image), none(image))
+    light, strong = TrainTransform(pre), TrainTransform(pre, strength="strong")
+    assert light(image).shape == strong(image).shape == (3, 32, 32)
+    assert not torch.equal(light(image), light(image))
+
+
+def test_frozen_bn_policy_keeps_running_statistics(tiny_data, tiny_settings, tmp_path):
+    from visiontune.backbones import build_classifier
+
+    run = visiontune.train(tiny_data, out=str(tmp_path / "r"), bn="frozen", **tiny_settings)
+    original, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
+    trained = run.model.state_dict()
+    for k, v in original.state_dict().items():
+        if "running_" in k:
+            assert torch.equal(v, trained[k]), k
+    assert not torch.equal(original.state_dict()["conv_stem.weight"], trained["conv_stem.weight"])
+
+
+def test_patience_stops_early(tiny_data, tiny_settings, tmp_path):
+    # An update of 1e-30 * grad vanishes in float32 and frozen BatchNorm keeps its statistics: the model
+    # cannot change, so epoch 1 stays best.
+    settings = {**tiny_settings, "epochs": 12, "lr": 1e-30, "schedule": "constant", "head_init": "random",
+                "bn": "frozen"}
+    run = visiontune.train(tiny_data, out=str(tmp_path / "r"), patience=2, **settings)
+    with (run.path / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and run.best_epoch == 1  # 2 more epochs without improvement, then stop
+
+
+def test_recipe_options_run_end_to_end(tiny_data, tiny_settings, tmp_path):
+    run = visiontune.train(tiny_data, out=str(tmp_path / "r"), class_weights="auto", sampler="balanced",
+                           accumulate=2, augment="strong", schedule="onecycle", optimizer="adamw", lr_decay=0.7,
+                           label_smoothing=0.1, **{**tiny_settings, "lr": 0.001})
+    assert len(run.metrics) == 2 and all(np.isfinite(r["train_loss"]) for r in run.metrics)
+
+
+def test_lr_find_suggests_and_changes_nothing(tiny_data, tiny_settings, tmp_path, capsys):
+    import hashlib
+
+    from visiontune.cli import main
+    from visiontune.lr_find import suggest
+
+    weights_hash = hashlib.sha256(open(tiny_settings["weights"], "rb").read()).hexdigest()
+    before = visiontune.train(tiny_data, out=str(tmp_path / "before"), **tiny_settings).metrics
+    torch_state = torch.get_rng_state()
+    code = main(["lr-find", str(tiny_data), "--model", "test_efficientnet", "--weights", tiny_settings["weights"],
+                 "--batch-size", "4", "--cache-dir", tiny_settings["cache_dir"], "--steps", "30",
+                 "--plot", str(tmp_path / "lr.png")])
+    out = capsys.readouterr().out
+    assert code == 0 and "suggested learning rates: valley" in out and (tmp_path / "lr.png").stat().st_size > 1000
+    assert torch.equal(torch_state, torch.get_rng_state())
+    assert hashlib.sha256(open(tiny_settings["weights"], "rb").read()).hexdigest() == weights_hash
+    after = visiontune.train(tiny_data, out=str(tmp_path / "after"), **tiny_settings).metrics
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(before) == strip(after)
+    # The suggestion logic on a known curve: flat, falling fastest at 1e-3, then rising.
+    lrs = [10 ** e for e in np.linspace(-6, 0, 61)]
+    losses = [1.0 if lr < 1e-4 else max(0.2, 1.0 - 0.8 * (np.log10(lr) + 4) / 2) if lr < 1e-1 else 0.2 + (np.log10(lr) + 1)
+              for lr in lrs]
+    result = suggest(lrs, losses)
+    assert 1e-4 <= result["steepest"] <= 1e-2 and 1e-4 <= result["valley"] <= 1e-1
