@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visiontune.engine import evaluate, is_better, train_one_epoch
-from visiontune.training import lr_multiplier
+from visiontune.recipes import lr_multiplier
 
 
 def batches_of(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

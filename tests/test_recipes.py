@@ -14,8 +14,8 @@ import visiontune
 from visiontune.config import TrainConfig
 from visiontune.engine import train_one_epoch
 from visiontune.preprocess import Preprocessing, TrainTransform
-from visiontune.training import (_sampler, inverse_frequency_weights, layer_decay_groups, lr_multiplier,
-                                 make_optimizer, param_groups)
+from visiontune.recipes import (inverse_frequency_weights, layer_decay_groups, lr_multiplier, make_optimizer,
+                                make_sampler, param_groups)
 
 
 def test_accumulating_k_batches_equals_one_big_batch():
@@ -48,10 +48,10 @@ def test_balanced_sampler_draws_classes_evenly():
     drawn = []
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
-        drawn += labels[list(_sampler(cfg, range(100), labels, g))].tolist()
+        drawn += labels[list(make_sampler(cfg, range(100), labels, g))].tolist()
     share = sum(drawn) / len(drawn)
     assert 0.45 < share < 0.55
-    plain = labels[list(_sampler(TrainConfig(data="x"), range(100), labels, g))]
+    plain = labels[list(make_sampler(TrainConfig(data="x"), range(100), labels, g))]
     assert plain.sum().item() == 10  # the plain sampler is a permutation
 
 

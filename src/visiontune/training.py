@@ -26,6 +26,7 @@ from .features import FeatureBatches, FeatureCache, extract_features
 from .images import DecodeCache, decode_array, default_cache_dir
 from .known.datasets import resolve_dataset
 from .memory import release_freed_memory
+from .recipes import inverse_frequency_weights, lr_multiplier, make_optimizer, make_sampler
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
 
 METRICS_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
@@ -110,57 +111,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Weight decay on conv/linear weights only: decaying BatchNorm scales and biases only hurts."""
-    decay = [p for _, p in params if p.ndim > 1]
-    no_decay = [p for _, p in params if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(cfg: TrainConfig, params: list[tuple[str, nn.Parameter]],
-                   model: nn.Module | None = None) -> torch.optim.Optimizer:
-    if cfg.lr_decay is not None and model is not None and hasattr(model, "group_matcher"):
-        groups = layer_decay_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_decay)
-    else:
-        groups = param_groups(params, cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-
-
-def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, decay: float) -> list[dict]:
-    """Discriminative learning rates: timm's block grouping of the model (stem, each stage, head);
-    the classifier gets `lr`, each group below it one more factor of `decay`."""
-    from timm.optim import param_groups_layer_decay
-
-    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=decay)
-    for group in groups:
-        group["lr"] = lr * group.pop("lr_scale", 1.0)
-        group["params"] = [p for p in group["params"] if p.requires_grad]
-    return [g for g in groups if g["params"]]
-
-
-def lr_multiplier(schedule: str, step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float) -> float:
-    """Learning-rate factor for optimizer step `step` (0-based); stepped once per optimizer step."""
-    epoch = step / steps_per_epoch
-    warmup_steps = warmup_epochs * steps_per_epoch
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "step":  # the tutorial's StepLR(step_size=7, gamma=0.1), per epoch
-        return 0.1 ** math.floor(epoch / 7)
-    if schedule == "onecycle":  # 30% linear rise from lr/25, then cosine down to lr/1e4
-        total = epochs * steps_per_epoch
-        rise = 0.3 * total
-        if step < rise:
-            return 1 / 25 + (1 - 1 / 25) * step / rise
-        progress = min(1.0, (step - rise) / max(1.0, total - rise))
-        return 1e-4 + (1 - 1e-4) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1.0, epochs * steps_per_epoch - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return 1.0
 
 
 def _progress(quiet: bool):
@@ -251,15 +201,7 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
     train_items, val_items = splits.samples["train"], splits.samples["val"]
     prepare = lambda images: normalize_batch(images, pre, cfg.channels_last)  # noqa: E731
     classifier = model.get_classifier()
-    frozen: list[nn.Module] = []
-    if cfg.mode == "fixed":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in classifier.parameters():
-            p.requires_grad_(True)
-        frozen = [m for m in model.children() if m is not classifier]
-    elif cfg.bn == "frozen":
-        frozen = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    frozen = freeze_for_mode(cfg, model)
 
     feature_cache = FeatureCache(cache_dir, {"arch": backbone.timm_name, "weights": weights_source,
                                              "pre": pre.to_json(), "channels_last": cfg.channels_last,
@@ -275,7 +217,7 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
         # The backbone is a fixed function: compute its features once, train the head on them.
         trainable: nn.Module = classifier
         train_batches = FeatureBatches(features_of(train_items, cfg.views), train_labels, cfg.batch_size, generator,
-                                       sampler=_sampler(cfg, range(len(train_items)), train_labels, generator))
+                                       sampler=make_sampler(cfg, range(len(train_items)), train_labels, generator))
         val_features = features_of(val_items, 1)[0]
         val_labels = torch.tensor([y for _, y in val_items])
         val_batches = list(zip(val_features.split(cfg.eval_batch_size), val_labels.split(cfg.eval_batch_size)))
@@ -295,7 +237,7 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
             train_set := ImageDataset(train_items, decode, train_transform), batch_size=cfg.batch_size,
             # The generator goes to the sampler only: given to the DataLoader it would also be drawn
             # from for worker seeds, and the order would differ from the cached-feature path's.
-            sampler=_sampler(cfg, train_set, train_labels, generator), num_workers=0,
+            sampler=make_sampler(cfg, train_set, train_labels, generator), num_workers=0,
             # A last batch of one sample breaks BatchNorm in train mode; drop it then.
             drop_last=remainder == 1 and cfg.mode == "finetune")
         val_batches = torch.utils.data.DataLoader(
@@ -399,18 +341,22 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
 PROBE_EPOCHS = 10
 
 
-def inverse_frequency_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """N / (classes * count): a balanced set gets weight 1 everywhere; rare classes weigh more."""
-    counts = torch.bincount(labels, minlength=num_classes).double()
-    return (labels.numel() / (num_classes * counts.clamp(min=1))).float()
+def freeze_for_mode(cfg: TrainConfig, model: nn.Module) -> list[nn.Module]:
+    """Set requires_grad for the mode; return the modules that must stay in eval mode while training.
 
-
-def _sampler(cfg: TrainConfig, dataset, labels: torch.Tensor, generator: torch.Generator):
-    if cfg.sampler == "balanced":
-        per_class = 1.0 / torch.bincount(labels).double().clamp(min=1)
-        return torch.utils.data.WeightedRandomSampler(per_class[labels], num_samples=len(labels), replacement=True,
-                                                      generator=generator)
-    return torch.utils.data.RandomSampler(dataset, generator=generator)
+    fixed: everything but the classifier is frozen, BatchNorm statistics included.
+    finetune with --bn frozen: every BatchNorm keeps its running statistics (its affine weights train).
+    """
+    classifier = model.get_classifier()
+    if cfg.mode == "fixed":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in classifier.parameters():
+            p.requires_grad_(True)
+        return [m for m in model.children() if m is not classifier]
+    if cfg.bn == "frozen":
+        return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return []
 
 
 def prepare_training(cfg: TrainConfig):
@@ -430,16 +376,9 @@ def prepare_training(cfg: TrainConfig):
     generator = seed_everything(cfg.seed)
     dataset = ImageDataset(items, decode, TrainTransform(pre, train_size, strength=cfg.augment))
     batches = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=0,
-                                          sampler=_sampler(cfg, dataset, labels, generator),
+                                          sampler=make_sampler(cfg, dataset, labels, generator),
                                           drop_last=len(items) % cfg.batch_size == 1)
-    frozen: list[nn.Module] = []
-    if cfg.mode == "fixed":
-        classifier = model.get_classifier()
-        for p in model.parameters():
-            p.requires_grad_(classifier is not None and any(p is q for q in classifier.parameters()))
-        frozen = [m for m in model.children() if m is not classifier]
-    elif cfg.bn == "frozen":
-        frozen = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    frozen = freeze_for_mode(cfg, model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params, model if cfg.mode == "finetune" else None)
     return model, batches, (lambda images: normalize_batch(images, pre, cfg.channels_last)), optimizer, frozen
