@@ -50,7 +50,7 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
-def _images_in(folder: Path) -> list[Path]:
+def images_in(folder: Path) -> list[Path]:
     # Sorted so that the order (and with it every seeded split and shuffle) does
     # not depend on the file system's listing order.
     return sorted(p for p in folder.rglob("*") if is_image_file(p) and not _hidden(p, folder))
@@ -62,7 +62,7 @@ def _hidden(path: Path, root: Path) -> bool:
 
 def _class_folders(folder: Path) -> dict[str, list[Path]]:
     return {
-        d.name: _images_in(d)
+        d.name: images_in(d)
         for d in sorted(folder.iterdir())
         if d.is_dir() and not d.name.startswith(".")
     }
@@ -129,12 +129,18 @@ def _from_split_folders(root: Path, val_fraction: float, seed: int) -> Splits:
         split: [(p, index[c]) for c in train_classes for p in folders.get(c, [])]
         for split, folders in per_split.items()
     }
+    return _with_val_split(root, train_classes, samples, "folders", val_fraction, seed)
+
+
+def _with_val_split(root: Path, classes: list[str], samples: dict, layout: str, val_fraction: float,
+                    seed: int) -> Splits:
+    """Splits in train/val/test order; without a val split, one is held out of train (stratified, seeded)."""
     auto = {}
     if "val" not in samples:
         samples["train"], samples["val"] = stratified_split(samples["train"], val_fraction, seed)
         auto = {"val_from": "train", "val_fraction": val_fraction, "seed": seed}
     ordered = {s: samples[s] for s in SPLIT_NAMES if s in samples}
-    return Splits(root=root, classes=train_classes, samples=ordered, layout="folders", auto_split=auto)
+    return Splits(root=root, classes=classes, samples=ordered, layout=layout, auto_split=auto)
 
 
 def _from_class_folders(root: Path, val_fraction: float, seed: int) -> Splits:
@@ -181,12 +187,7 @@ def _from_csv(path: Path, val_fraction: float, seed: int) -> Splits:
     samples: dict[str, list[tuple[Path, int]]] = {}
     for file, label, split in records:
         samples.setdefault(split, []).append((file, index[label]))
-    auto = {}
-    if "val" not in samples:
-        samples["train"], samples["val"] = stratified_split(samples["train"], val_fraction, seed)
-        auto = {"val_from": "train", "val_fraction": val_fraction, "seed": seed}
-    ordered = {s: samples[s] for s in SPLIT_NAMES if s in samples}
-    return Splits(root=path, classes=classes, samples=ordered, layout="csv", auto_split=auto)
+    return _with_val_split(path, classes, samples, "csv", val_fraction, seed)
 
 
 def _check_usable(splits: Splits) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import load_model
-from .data import discover
+from .data import discover, images_in
 from .errors import DataError, UsageError
 from .metrics import confusion_matrix, per_class_report, wilson_interval
 
@@ -23,22 +23,19 @@ def run_items(run: Path, split: str, classes: list[str]) -> list[tuple[Path, int
 
 
 def data_items(data: Path, split: str, classes: list[str]) -> list[tuple[Path, int]]:
-    """Images of DATA (its `split` when it has split folders, else all of it) under the run's class index."""
-    if data.is_dir() and not (data / "train").is_dir() and not (data / split).is_dir():
-        folders = sorted(d.name for d in data.iterdir() if d.is_dir() and not d.name.startswith("."))
-        unknown = sorted(set(folders) - set(classes))
+    """Images of DATA under the run's class index: DATA/<split>/<class>/ when DATA has split folders,
+    else DATA/<class>/, or the `split` rows of a CSV."""
+    if data.is_dir():
+        has_splits = any((data / s).is_dir() for s in ("train", "val", "test"))
+        folder = data / split if has_splits else data
+        if not folder.is_dir():
+            raise UsageError(f"--split {split}: DATA {data} has no {split}/ folder.")
+        found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+        unknown = sorted(set(found) - set(classes))
         if unknown:
-            raise DataError(f"DATA {data}: class folders {', '.join(unknown)} are not classes of this run "
+            raise DataError(f"DATA {folder}: class folders {', '.join(unknown)} are not classes of this run "
                             f"({', '.join(classes)}); remove them or evaluate a run trained on them.")
-        from .data import _images_in
-
-        return [(p, classes.index(c)) for c in folders for p in _images_in(data / c)]
-    if data.is_dir() and (data / split).is_dir():
-        folders = sorted(d.name for d in (data / split).iterdir() if d.is_dir() and not d.name.startswith("."))
-        unknown = sorted(set(folders) - set(classes))
-        if unknown:
-            raise DataError(f"DATA {data / split}: class folders {', '.join(unknown)} are not classes of this run "
-                            f"({', '.join(classes)}); remove them or evaluate a run trained on them.")
+        return [(p, classes.index(c)) for c in found for p in images_in(folder / c)]
     splits = discover(data)
     if split not in splits.samples:
         raise UsageError(f"--split {split}: DATA {data} has no {split} split.")
