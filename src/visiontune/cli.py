@@ -52,7 +52,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--decode-cache-gb", type=float, default=TrainConfig.decode_cache_gb)
     p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false")
     p.add_argument("--strict", action="store_true", help="stop on unreadable images instead of leaving them out")
-    p.add_argument("--quiet", action="store_true", help="print only the final line")
+    p.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
