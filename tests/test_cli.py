@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from visiontune.cli import main
 
 from .conftest import make_folder

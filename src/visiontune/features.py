@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .images import atomic_save_npy, file_identity
+from .images import file_identity
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
 
 

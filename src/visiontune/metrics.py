@@ -41,9 +41,3 @@ def per_class_report(matrix: np.ndarray, classes: list[str]) -> dict:
     macro = {k: sum(v[k] for v in per_class.values()) / len(classes) for k in keys}
     weighted = {k: sum(v[k] * v["support"] for v in per_class.values()) / total if total else 0.0 for k in keys}
     return {"per_class": per_class, "macro_avg": macro, "weighted_avg": weighted}
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=1, keepdims=True)

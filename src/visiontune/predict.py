@@ -19,7 +19,6 @@ import numpy as np
 from .data import is_image_file
 from .errors import UsageError
 from .images import eval_input
-from .metrics import softmax
 
 META_KEY = "visiontune"
 
