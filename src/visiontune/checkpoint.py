@@ -9,40 +9,21 @@ safetensors.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import UsageError
+from .files import atomic_write
 
 MODEL_JSON = "model.json"
 BEST_WEIGHTS = "best.safetensors"
 FORMAT_VERSION = 1
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data) -> None:
-    _atomic_write(Path(path), lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+    atomic_write(Path(path), lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
 
 
 def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -50,7 +31,7 @@ def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
 
     # contiguous clones: safetensors refuses views and shared storage.
     blob = save({k: v.detach().contiguous().clone() for k, v in state.items()})
-    _atomic_write(Path(path), lambda f: f.write(blob))
+    atomic_write(Path(path), lambda f: f.write(blob))
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -120,7 +101,7 @@ def save_training_state(path: Path, state: dict) -> None:
 
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    _atomic_write(Path(path), lambda f: f.write(buffer.getvalue()))
+    atomic_write(Path(path), lambda f: f.write(buffer.getvalue()))
 
 
 def load_training_state(path: Path) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .files import atomic_write
 from .images import file_identity
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
 
@@ -96,13 +97,10 @@ class FeatureCache:
             return {}
 
     def save(self, view: int, seed: int, entries: dict[str, np.ndarray]) -> None:
-        path = self._file(view, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
         identities = np.array(sorted(entries))
         features = np.stack([entries[i] for i in identities.tolist()])
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, identities=identities, features=features)
-        tmp.replace(path)
+        atomic_write(self._file(view, seed), lambda f: np.savez(f, identities=identities, features=features),
+                     durable=False)
 
 
 def extract_features(

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .files import atomic_write
 
 MAX_PIXELS = 89_478_485  # Pillow's default decompression-bomb threshold
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
@@ -89,19 +90,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "visiontune"
 
 
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Write then rename, so a concurrent or killed run never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class DecodeCache:
     """Decoded, resized uint8 images on disk, one memory-mapped .npy per source file.
 
@@ -146,7 +134,7 @@ class DecodeCache:
             raise
         if self.bytes_written + array.nbytes <= self.max_bytes:
             try:
-                atomic_save_npy(entry, array)
+                atomic_write(entry, lambda f: np.save(f, array), durable=False)
                 self.bytes_written += array.nbytes
             except OSError:
                 self.max_bytes = 0  # cache folder not writable: stream from now on
