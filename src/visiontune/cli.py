@@ -7,8 +7,9 @@ import csv
 import json
 import sys
 
-from .config import AUGMENTS, BN_POLICIES, CLASS_WEIGHTS, HEAD_INITS, MODES, OPTIMIZERS, SAMPLERS, SCHEDULES, TrainConfig
-from .errors import UsageError, VisiontuneError
+from .config import (AUGMENTS, BN_POLICIES, CLASS_WEIGHTS, HEAD_INITS, MODES, OPTIMIZERS, PRECISIONS, SAMPLERS,
+                     SCHEDULES, TrainConfig)
+from .errors import DataError, UsageError, VisiontuneError
 
 
 def _train_parser(sub) -> None:
@@ -18,10 +19,14 @@ def _train_parser(sub) -> None:
     p.add_argument("data", metavar="DATA", nargs="?")
     p.add_argument("--resume", metavar="RUN", help="continue a stopped or killed run from RUN/last.ckpt")
     p.add_argument("--mode", choices=MODES, default="finetune",
-                   help="finetune: train every weight (default); fixed: frozen backbone, new head only")
+                   help="finetune: train every weight (default); fixed: frozen backbone, new head only; "
+                        "staged: head first, then every layer; auto: staged within --budget")
     p.add_argument("--model", default=TrainConfig.model, help="backbone (see `visiontune models`)")
     p.add_argument("--weights", help="backbone weights file (.safetensors or state dict)")
-    p.add_argument("--epochs", type=int, help="default: 3 (finetune), 25 (fixed)")
+    p.add_argument("--epochs", type=int, help="default: 3 (finetune, staged; at most 3 for auto), 25 (fixed)")
+    p.add_argument("--head-epochs", type=int, help="staged/auto: head-only epochs first (default 10)")
+    p.add_argument("--head-lr", type=float, help="staged/auto: learning rate of the head-only epochs (default 0.01)")
+    p.add_argument("--budget", help="auto: wall-clock budget for the run, e.g. 90s, 5m, 1h (default 5m)")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--eval-batch-size", type=int, default=TrainConfig.eval_batch_size)
     p.add_argument("--lr", type=float, help="peak learning rate (default 0.003 finetune, 0.01 fixed)")
@@ -34,6 +39,8 @@ def _train_parser(sub) -> None:
                    help="fine-tune BatchNorm statistics: train (default) or frozen")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--augment", choices=AUGMENTS, default=TrainConfig.augment)
+    p.add_argument("--mixup", type=float, help="mixup Beta alpha, 0 off (default 0.2 with --augment strong, else 0)")
+    p.add_argument("--cutmix", type=float, help="CutMix Beta alpha, 0 off (default 1.0 with --augment strong, else 0)")
     p.add_argument("--class-weights", choices=CLASS_WEIGHTS, default=TrainConfig.class_weights)
     p.add_argument("--sampler", choices=SAMPLERS, default=TrainConfig.sampler)
     p.add_argument("--accumulate", type=int, default=1, help="optimizer step every K batches")
@@ -46,8 +53,16 @@ def _train_parser(sub) -> None:
     p.add_argument("--image-size", type=int, help="eval input size (default: the backbone's)")
     p.add_argument("--train-size", type=int, help="fine-tune crop size (default 5/7 of the eval size)")
     p.add_argument("--head-init", choices=HEAD_INITS, help="fine-tune: probe (default) or random")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory layout (default on: faster convolutions on CPU and on tensor cores)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default=TrainConfig.device, help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
+                   help="auto (default): bf16 on GPUs that support it, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; costs a minute up front)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels, so GPU runs repeat exactly (slower)")
+    p.add_argument("--workers", type=int, help="data loader processes (default 0 on CPU, up to 8 on GPU)")
     p.add_argument("--cache-dir")
     p.add_argument("--decode-cache-gb", type=float, default=TrainConfig.decode_cache_gb)
     p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false")
@@ -95,7 +110,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_run, format_table
 
     result = evaluate_run(args.run, args.data, split=args.split, tta=args.tta, batch_size=args.batch_size,
-                          top_n=args.top_n)
+                          top_n=args.top_n, device=args.device)
+    if result is None:  # torchrun: a rank other than 0, whose share rank 0 prints
+        return 0
     print(json.dumps(result, indent=2) if args.format == "json" else format_table(result))
     return 0
 
@@ -207,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--top-n", type=int, default=10, help="most confident mistakes to list")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
 
     p = sub.add_parser("report", help="write RUN/report.html (curves, confusion matrix, mistakes)")
     p.add_argument("run", metavar="RUN")
@@ -230,13 +248,28 @@ COMMANDS = {"train": _cmd_train, "models": _cmd_models, "datasets": _cmd_dataset
             "report": _cmd_report, "doctor": _cmd_doctor, "lr-find": _cmd_lr_find, "predict": _cmd_predict, "export": _cmd_export}
 
 
+def _print_error(exc: VisiontuneError) -> None:
+    """One line. Under torchrun a bad flag or bad data fails every rank alike, so rank 0 alone says
+    so; any other failure is said by the rank it happened on, tagged with that rank (torchrun then
+    ends the other ranks)."""
+    from .runtime import env_world
+
+    rank, _, world = env_world()
+    if world > 1 and rank > 0:
+        if isinstance(exc, (UsageError, DataError)):  # the same on every rank
+            return
+        print(f"visiontune: error (rank {rank}): {exc}", file=sys.stderr)
+        return
+    print(f"visiontune: error: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     try:
         return COMMANDS[args.command](args)
     except VisiontuneError as exc:
-        print(f"visiontune: error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return exc.exit_code
     except KeyboardInterrupt:
         print("visiontune: interrupted", file=sys.stderr)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from .errors import UsageError
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
-MODES = ("finetune", "fixed")
+MODES = ("finetune", "fixed", "staged", "auto")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
 AUGMENTS = ("none", "light", "strong")
@@ -15,6 +15,9 @@ SAMPLERS = ("random", "balanced")
 CLASS_WEIGHTS = ("none", "auto")
 HEAD_INITS = ("probe", "random")
 BN_POLICIES = ("frozen", "train")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# --augment strong turns these on: light mixup, full cutmix (timm's ImageNet recipes use cutmix 1.0).
+STRONG_MIXUP, STRONG_CUTMIX = 0.2, 1.0
 
 # Per-mode defaults; chosen by measurement on hymenoptera (docs/performance.md).
 MODE_DEFAULTS = {
@@ -22,6 +25,12 @@ MODE_DEFAULTS = {
                  "head_init": "probe"},
     "fixed": {"epochs": 25, "lr": 0.01, "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 0.0,
               "head_init": "random"},
+    # Head first on cached features (backbone and BatchNorm frozen), then every layer at a lower lr.
+    "staged": {"epochs": 3, "lr": 0.003, "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 0.0,
+               "head_init": "random", "head_epochs": 10, "head_lr": 0.01},
+    # The staged plan, with the fine-tuning epochs (at most `epochs`) chosen to fit --budget.
+    "auto": {"epochs": 3, "lr": 0.003, "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 0.0,
+             "head_init": "random", "head_epochs": 10, "head_lr": 0.01, "budget": "5m"},
 }
 
 
@@ -32,14 +41,24 @@ class TrainConfig:
     data: str
     """Folder (tutorial layout or class folders), CSV of path,label[,split], or a known data set name."""
     mode: str = "finetune"
-    """finetune: train every weight; fixed: frozen backbone (BatchNorm statistics too), new head only."""
+    """finetune: train every weight; fixed: frozen backbone (BatchNorm statistics too), new head only;
+    staged: head_epochs of head only (frozen backbone), then `epochs` of every layer at `lr`;
+    auto: staged, with as many fine-tuning epochs (up to `epochs`, maybe none) as fit `budget`."""
     model: str = DEFAULT_BACKBONE
     """Registered backbone name (`visiontune models`) or any timm architecture."""
     weights: str | None = None
     """Weights file (.safetensors or state dict) for the backbone, instead of bundled/hub weights."""
     epochs: int | None = None
+    """Epochs of training every layer (finetune, staged, auto) or of the head (fixed)."""
+    head_epochs: int | None = None
+    """staged/auto: epochs of head-only training on cached features before every layer trains."""
+    head_lr: float | None = None
+    """staged/auto: learning rate of the head-only epochs."""
+    budget: str | None = None
+    """auto: wall-clock budget for the whole run, e.g. 90s, 5m, 1h."""
     batch_size: int = 32
-    """Training batch size; 32 keeps BatchNorm statistics stable and the CPU busy."""
+    """Training batch size per process (torchrun: the global batch is this times the processes); 32 keeps
+    BatchNorm statistics stable and the CPU busy."""
     eval_batch_size: int = 32
     """Batch size of evaluation and feature extraction (throughput is flat above 32 on a CPU; memory is not)."""
     lr: float | None = None
@@ -60,6 +79,10 @@ class TrainConfig:
     augment: str = "light"
     """Training augmentation: none (center crop, as in eval), light (random resized crop 25-100% + flip),
     strong (light + TrivialAugmentWide)."""
+    mixup: float | None = None
+    """Mixup Beta(alpha, alpha); 0 off; default 0.2 with --augment strong, else off."""
+    cutmix: float | None = None
+    """CutMix Beta(alpha, alpha); 0 off; default 1.0 with --augment strong, else off."""
     class_weights: str = "none"
     """auto: weight each class's loss by N / (classes * count), for imbalanced data (training loss only;
     val loss stays the plain mean cross-entropy so epochs and runs compare)."""
@@ -91,6 +114,17 @@ class TrainConfig:
     """NHWC memory layout: about 1.7x faster convolutions on CPU for EfficientNet."""
     threads: int | None = None
     """Intra-op threads; default: the machine's cores."""
+    device: str = "auto"
+    """auto (cuda if visible, else cpu), cpu, cuda (torchrun: the process's LOCAL_RANK GPU) or cuda:N."""
+    precision: str = "auto"
+    """auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 (autocast) or fp16 (autocast + GradScaler)."""
+    compile: bool = False
+    """torch.compile the model for training (worth it on GPUs for long runs; compiling costs a minute)."""
+    deterministic: bool = False
+    """Deterministic kernels (and cuBLAS/cuDNN settings) so that GPU runs repeat exactly; slower."""
+    workers: int | None = None
+    """DataLoader worker processes; default 0 on CPU (decoding is cached and the cores are busy with the
+    model), up to 8 per process on GPU."""
     cache_dir: str | None = None
     """Where decoded images and features are cached; default ~/.cache/visiontune."""
     decode_cache_gb: float = 8.0
@@ -109,6 +143,12 @@ class TrainConfig:
         for key, default in MODE_DEFAULTS[self.mode].items():
             if values[key] is None:
                 values[key] = default
+        if values["head_epochs"] is None:
+            values["head_epochs"] = 0
+        strong = values["augment"] == "strong"
+        for key, on in (("mixup", STRONG_MIXUP), ("cutmix", STRONG_CUTMIX)):
+            if values[key] is None:
+                values[key] = on if strong else 0.0
         cfg = TrainConfig(**values)
         cfg.validate()
         return cfg
@@ -141,6 +181,22 @@ class TrainConfig:
         need(self.lr_decay is None or 0 < self.lr_decay <= 1, "--lr-decay", self.lr_decay, "use a value in (0, 1]")
         need(self.bn in BN_POLICIES, "--bn", self.bn, f"use one of {', '.join(BN_POLICIES)}")
         need(self.threads is None or self.threads >= 1, "--threads", self.threads, "use 1 or more")
+        need(isinstance(self.head_epochs, int) and self.head_epochs >= 0, "--head-epochs", self.head_epochs,
+             "use a whole number, 0 or more")
+        need(self.mode not in ("staged", "auto") or self.head_epochs >= 1, "--head-epochs", self.head_epochs,
+             f"--mode {self.mode} trains the head first; use 1 or more")
+        need(self.head_lr is None or self.head_lr > 0, "--head-lr", self.head_lr, "use a positive learning rate")
+        need(self.mixup >= 0, "--mixup", self.mixup, "use 0 (off) or a Beta alpha such as 0.2")
+        need(self.cutmix >= 0, "--cutmix", self.cutmix, "use 0 (off) or a Beta alpha such as 1.0")
+        need(self.precision in PRECISIONS, "--precision", self.precision, f"use one of {', '.join(PRECISIONS)}")
+        need(self.workers is None or self.workers >= 0, "--workers", self.workers, "use 0 or more")
+        if self.mode == "auto":
+            from .recipes import parse_duration
+
+            parse_duration(self.budget)
+        elif self.budget is not None:
+            raise UsageError(f"--budget {self.budget}: only --mode auto plans to a budget; add --mode auto or "
+                             "drop --budget.")
         need(self.decode_cache_gb >= 0, "--decode-cache-gb", self.decode_cache_gb, "use 0 (no cache) or more")
 
     def to_json(self) -> dict:

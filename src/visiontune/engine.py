@@ -16,9 +16,10 @@ Mechanics (docs/mechanics.md explains each, with the test that proves it):
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, ContextManager, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,10 @@ def per_sample_loss(
     class_weights: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Cross-entropy of each sample (weighted by its class weight when given)."""
+    """Cross-entropy of each sample (weighted by its class weight when given).
+
+    `targets` are class indices, or per-class probabilities (mixup/cutmix) of shape [B, classes].
+    """
     return F.cross_entropy(logits, targets, weight=class_weights, label_smoothing=label_smoothing, reduction="none")
 
 
@@ -81,6 +85,11 @@ def train_one_epoch(
     device: torch.device | str = "cpu",
     should_stop: Callable[[], bool] = lambda: False,
     accumulate: int = 1,
+    mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    scaler: torch.amp.GradScaler | None = None,
+    no_sync: Callable[[], ContextManager] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
 ) -> EpochStats:
     """One pass over `batches`; one optimizer step per `accumulate` batches.
 
@@ -107,11 +116,17 @@ def train_one_epoch(
 
     def step() -> None:
         nonlocal pending
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         if accumulate > 1 and reduction == "mean":
             for p in params:
                 if p.grad is not None:
                     p.grad.div_(pending)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+            scaler.update()
+        else:
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         # Cleared right after the step, i.e. before the next backward: backward adds into .grad.
@@ -119,22 +134,32 @@ def train_one_epoch(
         pending = 0
 
     optimizer.zero_grad(set_to_none=True)
+    total = len(batches) if hasattr(batches, "__len__") else None
     with torch.set_grad_enabled(True):
         for index, (images, targets) in enumerate(batches, start=1):
-            inputs, targets = prepare(images.to(device)), targets.to(device)
-            logits = model(inputs)
-            losses = per_sample_loss(logits, targets, class_weights, label_smoothing)
-            if accumulate > 1 or reduction == "sum":
-                objective = losses.sum()  # divided by the group's sample count in step()
-            else:
-                objective = losses.mean()
-            if not torch.isfinite(objective):
-                raise NonFiniteLoss(index, float(objective.detach()))
-            objective.backward()
-            pending += targets.shape[0]
+            inputs, targets = prepare(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
+            labels = targets
+            if mix is not None:
+                inputs, targets = mix(inputs, targets)
+                labels = targets.argmax(dim=1)
+            # Gradients are all-reduced only on the batch that ends an optimizer step.
+            ends_step = index % accumulate == 0 or index == total
+            sync = contextlib.nullcontext() if no_sync is None or ends_step else no_sync()
+            with sync:
+                with autocast():
+                    logits = model(inputs)
+                losses = per_sample_loss(logits.float(), targets, class_weights, label_smoothing)
+                if accumulate > 1 or reduction == "sum":
+                    objective = losses.sum()  # divided by the group's sample count in step()
+                else:
+                    objective = losses.mean()
+                if not torch.isfinite(objective):
+                    raise NonFiniteLoss(index, float(objective.detach()))
+                (scaler.scale(objective) if scaler is not None else objective).backward()
+            pending += labels.shape[0]
             loss_sum += losses.detach().sum()
-            correct += (logits.detach().argmax(dim=1) == targets).sum()
-            n += targets.shape[0]
+            correct += (logits.detach().argmax(dim=1) == labels).sum()
+            n += labels.shape[0]
             if index % accumulate == 0:
                 step()
                 if should_stop():
@@ -143,7 +168,9 @@ def train_one_epoch(
         if pending and completed:
             step()  # the short last group of an epoch
     # One synchronisation per epoch: the only place running sums become floats.
-    return EpochStats(loss=loss_sum.item() / max(n, 1), accuracy=correct.item() / max(n, 1), n=n,
+    loss_total, correct_total, n_total = reduce(
+        torch.stack([loss_sum, correct.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])).tolist()
+    return EpochStats(loss=loss_total / max(n_total, 1), accuracy=correct_total / max(n_total, 1), n=int(n_total),
                       seconds=time.perf_counter() - start, completed=completed)
 
 
@@ -155,8 +182,14 @@ def evaluate(
     label_smoothing: float = 0.0,
     keep_logits: bool = False,
     device: torch.device | str = "cpu",
+    autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
 ) -> EvalOutput:
-    """Loss and accuracy over `batches` with no graph and no change to any parameter or buffer."""
+    """Loss and accuracy over `batches` with no graph and no change to any parameter or buffer.
+
+    Distributed: each rank passes its own shard of the images (every sample on exactly one rank) and
+    `reduce` adds [loss sum, correct, n] over ranks before the one division.
+    """
     start = time.perf_counter()
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -165,18 +198,22 @@ def evaluate(
     all_logits, all_targets = [], []
     with torch.inference_mode():
         for images, targets in batches:
-            inputs, targets = prepare(images.to(device)), targets.to(device)
-            logits = model(inputs)
+            inputs, targets = prepare(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
+            with autocast():
+                logits = model(inputs)
+            logits = logits.float()
             loss_sum += per_sample_loss(logits, targets, class_weights, label_smoothing).sum()
             correct += (logits.argmax(dim=1) == targets).sum()
             n += targets.shape[0]
             if keep_logits:
                 all_logits.append(logits.float().cpu())
                 all_targets.append(targets.cpu())
+    loss_total, correct_total, n_total = reduce(
+        torch.stack([loss_sum, correct.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])).tolist()
     return EvalOutput(
-        loss=loss_sum.item() / max(n, 1),
-        accuracy=correct.item() / max(n, 1),
-        n=n,
+        loss=loss_total / max(n_total, 1),
+        accuracy=correct_total / max(n_total, 1),
+        n=int(n_total),
         seconds=time.perf_counter() - start,
         logits=torch.cat(all_logits) if keep_logits else None,
         targets=torch.cat(all_targets) if keep_logits else None,

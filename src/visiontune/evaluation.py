@@ -46,37 +46,53 @@ def data_items(data: Path, split: str, classes: list[str]) -> list[tuple[Path, i
 
 
 def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "val", tta: bool = False,
-                 batch_size: int = 64, top_n: int = 10, keep_items: bool = False) -> dict:
-    """Metrics of a run's best weights on its own split or on DATA."""
+                 batch_size: int = 64, top_n: int = 10, keep_items: bool = False, device: str = "auto") -> dict | None:
+    """Metrics of a run's best weights on its own split or on DATA.
+
+    Under torchrun each rank scores every world_size-th image; the per-image probabilities and
+    losses are gathered on rank 0, which computes every metric once, in the images' order, exactly
+    as one process does. Other ranks return None.
+    """
     import torch
 
+    from . import runtime
     from .engine import per_sample_loss
     from .images import decode_array
     from .preprocess import EvalTransform, Preprocessing, normalize_batch
 
+    rt = runtime.start(device, "fp32")
     run = Path(run)
     model, meta = load_model(run)
+    model = model.to(rt.device)
     classes = meta["classes"]
     items = run_items(run, split, classes) if data is None else data_items(Path(data), split, classes)
     if not items:
         raise DataError(f"the {split} split to evaluate holds no images.")
     pre = Preprocessing.from_json(meta["preprocessing"])
     transform = EvalTransform(pre)
-    probs_list, loss_sum = [], 0.0
+    mine = rt.shard(range(len(items)))
+    scored: dict[int, tuple[np.ndarray, float]] = {}
     with torch.inference_mode():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            x = normalize_batch(torch.stack([transform(decode_array(p, pre.resize, pre.interpolation)) for p, _ in chunk]), pre)
-            y = torch.tensor([label for _, label in chunk])
-            logits = model(x)
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            x = normalize_batch(torch.stack([transform(decode_array(items[i][0], pre.resize, pre.interpolation))
+                                             for i in chunk]).to(rt.device), pre)
+            y = torch.tensor([items[i][1] for i in chunk], device=rt.device)
+            logits = model(x).float()
             if tta:  # average the probabilities of the image and its mirror image
-                probs = (torch.softmax(logits, 1) + torch.softmax(model(torch.flip(x, dims=[3])), 1)) / 2
-                loss_sum += float(-torch.log(probs[torch.arange(len(y)), y]).double().sum())
+                probs = (torch.softmax(logits, 1) + torch.softmax(model(torch.flip(x, dims=[3])).float(), 1)) / 2
+                losses = -torch.log(probs[torch.arange(len(y)), y])
             else:
                 probs = torch.softmax(logits, 1)
-                loss_sum += float(per_sample_loss(logits, y).double().sum())
-            probs_list.append(probs.float().numpy())
-    probs = np.concatenate(probs_list)
+                losses = per_sample_loss(logits, y)
+            for i, p, loss in zip(chunk, probs.cpu().numpy(), losses.double().cpu().tolist()):
+                scored[i] = (p, loss)
+    if rt.distributed:
+        scored = {i: v for part in rt.all_gather(scored) for i, v in part.items()}
+        if not rt.is_main:
+            return None
+    probs = np.stack([scored[i][0] for i in range(len(items))])
+    loss_sum = float(np.sum(np.array([scored[i][1] for i in range(len(items))], dtype=np.float64)))
     targets = np.array([label for _, label in items])
     predictions = probs.argmax(1)
     n, correct = len(items), int((predictions == targets).sum())

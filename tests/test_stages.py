@@ -1,0 +1,188 @@
+"""Issue 6's remaining recipes: mixup/cutmix, --mode staged, --mode auto --budget."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import visiontune
+from visiontune import checkpoint, pipeline, training
+from visiontune.backbones import build_classifier
+from visiontune.config import TrainConfig
+from visiontune.engine import per_sample_loss
+from visiontune.errors import UsageError
+from visiontune.recipes import MixBatch, parse_duration
+from visiontune.runtime import Runtime
+
+
+def rows_of(run_dir) -> list[dict]:
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
+def test_mixed_images_and_soft_targets_agree(mixup, cutmix):
+    # Image i is the constant i; labels are the indices. A mixed image's mean must then equal the
+    # target-weighted mean of the source values, whether pixels were blended (mixup) or pasted (cutmix).
+    torch.manual_seed(3)
+    batch = 8
+    images = torch.arange(batch, dtype=torch.float32).view(batch, 1, 1, 1).expand(batch, 3, 16, 12).contiguous()
+    mix = MixBatch(batch, mixup, cutmix)
+    changed = 0
+    for _ in range(20):
+        mixed, targets = mix(images, torch.arange(batch))
+        torch.testing.assert_close(targets.sum(1), torch.ones(batch))
+        expected = targets @ torch.arange(batch, dtype=torch.float32)
+        torch.testing.assert_close(mixed.mean(dim=(1, 2, 3)), expected, rtol=0, atol=1e-5)
+        changed += not torch.equal(mixed, images)
+    assert changed >= 15  # a cutmix box can round to nothing when lam is near 1
+
+
+def test_soft_one_hot_targets_give_the_hard_target_loss():
+    logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    onehot = torch.nn.functional.one_hot(labels, 3).float()
+    for smoothing in (0.0, 0.1):
+        torch.testing.assert_close(per_sample_loss(logits, onehot, label_smoothing=smoothing),
+                                   per_sample_loss(logits, labels, label_smoothing=smoothing))
+
+
+def test_strong_augment_turns_mixing_on_and_flags_override():
+    assert (TrainConfig(data="d").resolved().mixup, TrainConfig(data="d").resolved().cutmix) == (0.0, 0.0)
+    strong = TrainConfig(data="d", augment="strong").resolved()
+    assert strong.mixup > 0 and strong.cutmix > 0
+    assert TrainConfig(data="d", augment="strong", mixup=0.0).resolved().mixup == 0.0
+    with pytest.raises(UsageError, match="--mixup"):
+        TrainConfig(data="d", mixup=-1.0).resolved()
+
+
+def test_training_mixes_every_batch_when_on(tiny_data, tiny_settings, tmp_path, monkeypatch):
+    calls = []
+
+    class Spy(MixBatch):
+        def __call__(self, inputs, targets):
+            calls.append(inputs.shape[0])
+            return super().__call__(inputs, targets)
+
+    monkeypatch.setattr(pipeline, "MixBatch", Spy)
+    visiontune.train(tiny_data, out=str(tmp_path / "off"), **tiny_settings)
+    assert calls == []
+    run = visiontune.train(tiny_data, out=str(tmp_path / "on"), cutmix=1.0, mixup=0.2, **tiny_settings)
+    # 17 training images in batches of 4: the last batch of one is dropped (BatchNorm), 16 per epoch.
+    assert sum(calls) == 2 * 16 and len(run.metrics) == 2
+
+
+def test_parse_duration():
+    assert parse_duration("90") == 90 and parse_duration("90s") == 90 and parse_duration("5m") == 300
+    assert parse_duration("1h") == 3600 and parse_duration("2m30s") == 150
+    for bad in ("", "soon", "5x", "0s"):
+        with pytest.raises(UsageError, match="--budget"):
+            parse_duration(bad)
+
+
+def test_budget_needs_auto_mode():
+    with pytest.raises(UsageError, match="--budget 5m: only --mode auto"):
+        TrainConfig(data="d", budget="5m").resolved()
+    with pytest.raises(UsageError, match="--budget"):
+        TrainConfig(data="d", mode="auto", budget="later").resolved()
+
+
+class StopAfterHead(Exception):
+    pass
+
+
+def _stop_before_full_stage(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise StopAfterHead
+    monkeypatch.setattr(training, "full_stage", refuse)
+
+
+def test_staged_head_epochs_leave_the_backbone_untouched(tiny_data, tiny_settings, tmp_path, monkeypatch):
+    settings = {**tiny_settings, "mode": "staged", "head_epochs": 2, "epochs": 1}
+    _stop_before_full_stage(monkeypatch)
+    with pytest.raises(StopAfterHead):
+        visiontune.train(tiny_data, out=str(tmp_path / "run"), **settings)
+    state = checkpoint.load_training_state(tmp_path / "run" / "last.ckpt")
+    assert state["epoch"] == 2 and state["stage"] == "head"
+    pretrained, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
+    after_head = state["model"]
+    for key, value in pretrained.state_dict().items():
+        if key.startswith("classifier."):
+            assert not torch.equal(value, after_head[key]), key  # the head trained
+        else:
+            assert torch.equal(value, after_head[key]), key  # weights and BatchNorm statistics did not move
+
+
+def test_staged_runs_head_then_every_layer_at_its_own_lr(tiny_data, tiny_settings, tmp_path):
+    run = visiontune.train(tiny_data, out=str(tmp_path / "run"), mode="staged", head_epochs=2, head_lr=0.05,
+                           lr=0.002, schedule="constant", **{**tiny_settings, "epochs": 2})
+    rows = rows_of(run.path)
+    assert [r["stage"] for r in rows] == ["head", "head", "full", "full"]
+    assert [float(r["lr"]) for r in rows] == [0.05, 0.05, 0.002, 0.002]
+    pretrained, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
+    final = torch.load(run.path / "last.ckpt", weights_only=True)["model"]
+    assert not torch.equal(pretrained.state_dict()["conv_stem.weight"], final["conv_stem.weight"])
+
+
+def test_staged_resume_across_the_stage_boundary_is_exact(tiny_data, tiny_settings, tmp_path, monkeypatch):
+    settings = {**tiny_settings, "mode": "staged", "head_epochs": 2, "epochs": 2}
+    whole = visiontune.train(tiny_data, out=str(tmp_path / "whole"), **settings)
+    with monkeypatch.context() as patch:
+        _stop_before_full_stage(patch)
+        with pytest.raises(StopAfterHead):
+            visiontune.train(tiny_data, out=str(tmp_path / "split"), **settings)
+    resumed = visiontune.resume(tmp_path / "split")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(rows_of(whole.path)) == strip(rows_of(resumed.path))
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_auto_plans_fine_tuning_epochs_from_measured_times(tiny_data, tiny_settings, tmp_path, monkeypatch):
+    # Measured step 0.05 s, val batch 0.02 s, fold 0.01 s: one epoch of 17 images in batches of 4
+    # (5 steps) and 6 val images (2 batches of 4) is 1.1 * (0.25 + 0.04 + 0.01) + 0.5 = 0.83 s.
+    monkeypatch.setattr(training, "_time_fine_tune_step", lambda s: (0.05, 0.02, 0.01))
+    settings = {**tiny_settings, "mode": "auto", "epochs": 3, "eval_batch_size": 4}
+    run = visiontune.train(tiny_data, out=str(tmp_path / "big"), budget="1h", **settings)
+    plan = json.loads((run.path / "auto.json").read_text())
+    assert plan["estimated_epoch_seconds"] == pytest.approx(0.83)
+    assert plan["full_epochs"] == 3 and run.decision.startswith("auto: fine-tuning every layer for 3 epoch(s)")
+    assert [r["stage"] for r in rows_of(run.path)] == ["head"] * 10 + ["full"] * 3
+
+
+def test_auto_keeps_the_head_when_the_budget_is_spent(tiny_data, tiny_settings, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "_time_fine_tune_step", lambda s: (100.0, 1.0, 1.0))
+    run = visiontune.train(tiny_data, out=str(tmp_path / "small"), mode="auto", budget="60s",
+                           **{**tiny_settings, "head_epochs": 3})
+    plan = json.loads((run.path / "auto.json").read_text())
+    assert plan["full_epochs"] == 0 and "one fine-tuning epoch needs about" in plan["decision"]
+    assert [r["stage"] for r in rows_of(run.path)] == ["head"] * 3
+    pretrained, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
+    best = checkpoint.load_weights(run.path / "best.safetensors")
+    assert torch.equal(pretrained.state_dict()["conv_stem.weight"], best["conv_stem.weight"])
+
+
+def test_auto_step_timing_leaves_the_run_untouched(tiny_data, tiny_settings):
+    cfg = TrainConfig(data=str(tiny_data), mode="auto", **tiny_settings).resolved()
+    s = pipeline.build_setup(cfg, Runtime())
+    before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    rng, sampler = torch.get_rng_state(), s.generator.get_state()
+    step_s, val_s, fold_s = training._time_fine_tune_step(s)
+    assert step_s > 0 and val_s > 0 and fold_s >= 0
+    assert torch.equal(rng, torch.get_rng_state()) and torch.equal(sampler, s.generator.get_state())
+    for k, v in s.model.state_dict().items():
+        assert torch.equal(before[k], v), k
+
+
+def test_deterministic_flag_on_cpu_changes_nothing(tiny_data, tiny_settings, tmp_path):
+    try:
+        plain = visiontune.train(tiny_data, out=str(tmp_path / "plain"), **tiny_settings)
+        strict = visiontune.train(tiny_data, out=str(tmp_path / "strict"), deterministic=True, **tiny_settings)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(rows_of(plain.path)) == strip(rows_of(strict.path))
