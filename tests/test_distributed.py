@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from visiontune import checkpoint, training
 from visiontune.evaluation import evaluate_run
@@ -88,23 +87,11 @@ def odd_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ddp_settings(tiny_weights_module, tmp_path_factory) -> list[str]:
+def ddp_settings(tiny_weights, tmp_path_factory) -> list[str]:
     cache = tmp_path_factory.mktemp("ddp-cache")
-    return ["--model", "test_efficientnet", "--weights", str(tiny_weights_module), "--image-size", "48",
+    return ["--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "48",
             "--train-size", "48", "--batch-size", "4", "--cache-dir", str(cache), "--no-channels-last",
             "--head-init", "random", "--lr", "0.05"]
-
-
-@pytest.fixture(scope="module")
-def tiny_weights_module(tmp_path_factory) -> Path:
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_efficientnet")
-    path = tmp_path_factory.mktemp("ddp-weights") / "test_efficientnet.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +286,29 @@ def test_bad_input_under_torchrun_is_said_once(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("visiontune: error:") == 1 and str(missing) in done.stderr
     assert "Traceback" not in done.stdout
+
+
+SAME_MODEL_SCRIPT = textwrap.dedent('''
+    import hashlib, json, os, sys
+    from pathlib import Path
+
+    import visiontune
+
+    data, out, settings = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    run = visiontune.train(data, out=str(out / "run"), **settings)
+    state = run.model.state_dict()
+    digest = hashlib.sha256(b"".join(state[k].cpu().numpy().tobytes() for k in sorted(state))).hexdigest()
+    (out / f"rank{os.environ['RANK']}.txt").write_text(digest)
+''')
+
+
+def test_every_rank_ends_with_the_same_model(odd_data, tiny_weights, tmp_path):
+    # The head of fixed mode trains on every rank without DDP, so it must start from the same
+    # initialisation everywhere; the returned model must be rank 0's on every rank.
+    script = tmp_path / "same.py"
+    script.write_text(SAME_MODEL_SCRIPT)
+    settings = {"mode": "fixed", "epochs": 3, "model": "test_efficientnet", "weights": str(tiny_weights),
+                "image_size": 48, "batch_size": 4, "cache_dir": str(tmp_path / "cache"), "quiet": True,
+                "channels_last": False}
+    run_torchrun([str(script), str(odd_data), str(tmp_path), json.dumps(settings)])
+    assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()

@@ -68,15 +68,23 @@ def ensure_writable(folder: Path) -> None:
         raise UsageError(f"--out {folder}: cannot be written ({exc.strerror}); choose a writable folder.") from None
 
 
-def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
-    """Seed the global generators (augmentation, dropout, mixing) and return the run's own generator,
-    which orders the data. The order must be the same on every rank; augmentations must differ, so
-    ranks after 0 seed the global generators differently (rank 0 is the single-process run)."""
-    rank_seed = seed if rank == 0 else seed + 7919 * rank
-    random.seed(rank_seed)
-    np.random.seed(rank_seed % (1 << 32))
-    torch.manual_seed(rank_seed)
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed the global generators (model init, augmentation, dropout, mixing) and return the run's own
+    generator, which orders the data."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """After the model is built (identically on every rank), ranks after 0 reseed the global generators
+    so that their augmentations differ; rank 0 goes on as a single-process run would."""
+    if rank > 0:
+        rank_seed = seed + 7919 * rank
+        random.seed(rank_seed)
+        np.random.seed(rank_seed % (1 << 32))
+        torch.manual_seed(rank_seed)
 
 
 def default_train_size(eval_size: int) -> int:
@@ -203,9 +211,10 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
     backbone = backbones.resolve(cfg.model)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    generator = seed_everything(cfg.seed, rt.rank)
+    generator = seed_everything(cfg.seed)
     model, weights_source = backbones.build_classifier(cfg.model, len(splits.classes),
                                                        Path(cfg.weights) if cfg.weights else None)
+    seed_rank(cfg.seed, rt.rank)
     pre = Preprocessing.from_data_config(backbones.data_config(model), cfg.image_size)
     # Record the sizes actually used, so config.json is complete without the backbone at hand.
     cfg = replace(cfg, image_size=pre.size, train_size=cfg.train_size or (

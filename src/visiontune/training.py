@@ -25,7 +25,8 @@ from .errors import UsageError, VisiontuneError
 from .features import FeatureBatches, fold_batchnorm
 from .memory import release_freed_memory
 from .pipeline import (Setup, Stage, build_setup, check_same_splits, choose_run_dir, class_weights_for,
-                       ensure_writable, freeze_for_mode, full_stage, head_stage, image_train_batches, write_splits)
+                       ensure_writable, freeze_for_mode, full_stage, head_stage, image_train_batches, seed_rank,
+                       write_splits)
 from .preprocess import TrainTransform
 from .recipes import lr_multiplier, make_optimizer, parse_duration
 
@@ -114,8 +115,8 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         checkpoint.set_rng_state(resume_state["rng"], s.generator)
-        if rt.rank > 0:  # rank 0's streams were saved; the others must still differ from it
-            torch.manual_seed(cfg.seed + 7919 * rt.rank + 104729 * resume_state["epoch"])
+        # Rank 0's streams were saved; the other ranks' augmentations must still differ from it.
+        seed_rank(cfg.seed + 104729 * resume_state["epoch"], rt.rank)
         run.metrics = list(resume_state["metrics"])
         plan = dict(resume_state.get("plan") or {})
         if resume_state["best"] is not None:
