@@ -143,7 +143,7 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
             "stage": stage.name if stage else None,
             "optimizer": stage.optimizer.state_dict() if stage else None,
             "rng": checkpoint.rng_state(s.generator), "metrics": run.metrics, "plan": plan,
-            "planned_epochs": _total_epochs(cfg, plan), "finished": finished,
+            "finished": finished,
             "best": (run.best_epoch, run.best_val_acc, run.best_val_loss) if best else None})
 
     if resume_state is None:
