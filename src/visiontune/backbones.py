@@ -233,7 +233,3 @@ def data_config(model: nn.Module) -> dict:
         "std": [float(x) for x in cfg["std"]],
         "crop_pct": float(cfg["crop_pct"]),
     }
-
-
-def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list(model.get_classifier().parameters())

@@ -161,12 +161,8 @@ def env_world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
-_current: Runtime | None = None
-
-
 def start(device: str = "auto", precision: str = "auto", deterministic: bool = False) -> Runtime:
     """Resolve the device and precision, and join torchrun's process group when launched by it."""
-    global _current
     rank, local_rank, world = env_world()
     resolved_device = resolve_device(device, local_rank)
     resolved_precision = resolve_precision(precision, resolved_device)
@@ -183,14 +179,8 @@ def start(device: str = "auto", precision: str = "auto", deterministic: bool = F
             dist.init_process_group("nccl" if resolved_device.type == "cuda" else "gloo")
             atexit.register(_leave_group)
         rank, world = dist.get_rank(), dist.get_world_size()
-    _current = Runtime(rank=rank, world_size=world, local_rank=local_rank, device=resolved_device,
-                       precision=resolved_precision)
-    return _current
-
-
-def current() -> Runtime:
-    """The runtime started by this process, or a single-process CPU one."""
-    return _current or Runtime()
+    return Runtime(rank=rank, world_size=world, local_rank=local_rank, device=resolved_device,
+                   precision=resolved_precision)
 
 
 def _leave_group() -> None:
