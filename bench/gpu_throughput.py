@@ -6,8 +6,10 @@ BatchNorm-folded copy; both on synthetic batches already on the GPU (the model's
 input pipeline's). Feature extraction = `extract_features` end to end on generated JPEGs (decode,
 crop, copy to the GPU, forward), the fixed-mode path. Prints one markdown table.
 
-usage: python bench/gpu_throughput.py [--batch 128] [--steps 30] [--smoke]
-(--smoke: tiny sizes on whatever device there is, to check the script itself on a CPU.)
+usage: python bench/gpu_throughput.py [--batch 128] [--steps 30] [--smoke] [--eager-only] [--deterministic]
+(--smoke: tiny sizes on whatever device there is, to check the script itself on a CPU;
+--eager-only: the rows without compile and no feature extraction; --deterministic: those rows with
+`--deterministic`'s settings, which stay on for the whole process, so compare with an --eager-only run.)
 """
 
 from __future__ import annotations
@@ -98,32 +100,45 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--eager-only", action="store_true")
+    parser.add_argument("--deterministic", action="store_true")
     args = parser.parse_args()
     from visiontune import runtime
 
-    rt = runtime.start("auto", "fp32")
+    rt = runtime.start("auto", "fp32", deterministic=args.deterministic)
+    eager_only = args.eager_only or args.deterministic
     model_name, size = "efficientnet_lite0", 224
     if args.smoke:
         args.batch, args.steps, args.images, size = 4, 2, 8, 64
     on_gpu = rt.device.type == "cuda"
     name = torch.cuda.get_device_name(rt.device) if on_gpu else "CPU"
     print(f"device: {name}; torch {torch.__version__}; {model_name} at {size} px, batch {args.batch}, "
-          f"{args.steps} timed steps")
+          f"{args.steps} timed steps{', deterministic' if args.deterministic else ''}")
+    # Feature extraction first and compile last: if the device call runs out of time while compiling,
+    # every other number has already been printed.
+    try:
+        if eager_only:
+            print("feature extraction: skipped (--eager-only)\n")
+        else:
+            ips = feature_throughput(rt, args.images, args.batch, model_name)
+            print(f"feature extraction (decode cache warm, crop, to device, folded forward, "
+                  f"{'bf16' if on_gpu else 'fp32'}): {ips:.0f} images/s over {args.images} images\n", flush=True)
+    except Exception as exc:
+        print(f"feature extraction failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}\n", flush=True)
     rows = [("fp32", "fp32", False, False), ("bf16", "bf16", False, False),
             ("bf16 + channels_last", "bf16", True, False), ("bf16 + channels_last + compile", "bf16", True, True)]
     if not on_gpu:
         rows = [r for r in rows if r[1] == "fp32"]
+    if eager_only:
+        rows = [r for r in rows if not r[3]]
     print("| precision / layout | train images/s | eval images/s |")
-    print("|---|---|---|")
+    print("|---|---|---|", flush=True)
     for label, precision, channels_last, compile_model in rows:
         try:
             result = measure(rt, precision, channels_last, compile_model, args.batch, size, args.steps, model_name)
             print(f"| {label} | {result['train']:.0f} | {result['eval']:.0f} |", flush=True)
         except Exception as exc:  # one failing row (e.g. compile) must not hide the others
             print(f"| {label} | failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]} | |", flush=True)
-    ips = feature_throughput(rt, args.images, args.batch, model_name)
-    print(f"\nfeature extraction (decode cache warm, crop, to device, folded forward, "
-          f"{'bf16' if on_gpu else 'fp32'}): {ips:.0f} images/s over {args.images} images")
 
 
 if __name__ == "__main__":

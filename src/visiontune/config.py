@@ -119,7 +119,8 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 (autocast) or fp16 (autocast + GradScaler)."""
     compile: bool = False
-    """torch.compile the model for training (worth it on GPUs for long runs; compiling costs a minute)."""
+    """torch.compile the model for training (on an H100 it doubled lite0's eval speed, not its training
+    speed: docs/performance.md; compiling costs about a minute)."""
     deterministic: bool = False
     """Deterministic kernels (and cuBLAS/cuDNN settings) so that GPU runs repeat exactly; slower."""
     workers: int | None = None

@@ -170,6 +170,10 @@ def start(device: str = "auto", precision: str = "auto", deterministic: bool = F
         enable_determinism()
     elif resolved_device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels once
+    if resolved_device.type == "cuda":
+        # --precision fp32 means fp32: by default PyTorch lets cuDNN convolutions round through TF32
+        # (a 10-bit mantissa), which a CPU re-evaluation of the saved weights would not reproduce.
+        torch.backends.cudnn.allow_tf32 = resolved_precision != "fp32"
     if world > 1:
         import torch.distributed as dist
 
