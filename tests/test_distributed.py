@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from visiontune import checkpoint, training
+from visiontune.backbones import build_classifier
 from visiontune.evaluation import evaluate_run
 from visiontune.recipes import lr_multiplier
 
@@ -312,3 +314,23 @@ def test_every_rank_ends_with_the_same_model(odd_data, tiny_weights, tmp_path):
                 "channels_last": False}
     run_torchrun([str(script), str(odd_data), str(tmp_path), json.dumps(settings)])
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
+
+
+def test_auto_mode_under_torchrun_plans_once_and_fine_tunes_with_ddp(odd_data, ddp_settings, tiny_weights, tmp_path):
+    # auto = staged's two stages plus a plan: head on sharded features, rank 0's plan sent to every rank,
+    # then fine-tuning under DDP. The one mode whose torchrun path no other test walks through.
+    out = tmp_path / "auto"
+    done = run_torchrun(["-m", "visiontune", "train", str(odd_data), "--out", str(out), "--mode", "auto",
+                         "--budget", "1h", "--head-epochs", "2", "--epochs", "2", *ddp_settings])
+    assert done.stdout.count("best epoch") == 1
+    plan = json.loads((out / "auto.json").read_text())
+    assert plan["full_epochs"] == 2 and done.stdout.count(plan["decision"]) == 1
+    assert [r["stage"] for r in rows_of(out)] == ["head", "head", "full", "full"]
+    # The full stage trained the backbone (DDP), and the saved best weights give the logged val numbers.
+    last = checkpoint.load_training_state(out / checkpoint.LAST_CHECKPOINT)["model"]
+    pretrained, _ = build_classifier("test_efficientnet", 3, str(tiny_weights))
+    assert not torch.equal(last["conv_stem.weight"], pretrained.state_dict()["conv_stem.weight"])
+    model_json = json.loads((out / "model.json").read_text())
+    result = evaluate_run(out)
+    assert result["accuracy"] == model_json["val_acc"]
+    assert result["loss"] == pytest.approx(model_json["val_loss"], abs=1e-5)
