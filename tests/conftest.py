@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -15,6 +16,28 @@ HYMENOPTERA = (REPO / ".." / "shared" / "data" / "hymenoptera_data").resolve()
 
 # Two cores: keep every test on the same small thread pool.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def approx_loss(expected: float):
+    """A loss (a mean of float32 per-sample losses) compared to a relative tolerance.
+
+    The float32 sum's rounding depends on the CPU's kernels (AVX-512 on Intel, AVX2 on AMD sum in
+    other orders), so two x86 machines agree to about 1e-6 relative, not to a fixed number of
+    decimals: 12488.574 vs 12488.579 is 4e-7 relative, far above any absolute 1e-5.
+    """
+    return pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    """Metric rows less the wall-clock column, the one thing two identical runs never share."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def read_metrics(run_dir: Path, timing: bool = True) -> list[dict]:
+    """A run's metrics.csv as dicts of strings; timing=False drops the seconds column."""
+    with (Path(run_dir) / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return rows if timing else without_timing(rows)
 
 
 def needs_hymenoptera():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -22,8 +21,9 @@ from visiontune import checkpoint, training
 from visiontune.backbones import build_classifier
 from visiontune.evaluation import evaluate_run
 from visiontune.recipes import lr_multiplier
+from visiontune.runfolder import RunFolder
 
-from .conftest import make_folder
+from .conftest import approx_loss, make_folder, read_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -75,11 +75,6 @@ def kill_tree(pid: int) -> None:
             if state in ("Z", "X"):
                 break
             time.sleep(0.01)
-
-
-def rows_of(run_dir: Path) -> list[dict]:
-    with (run_dir / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +159,7 @@ def test_val_metrics_of_two_processes_equal_one_process(tmp_path):
         shared_loss, shared_acc, shared_n = result["shared"]
         assert shared_n == single_n == 7
         assert round(shared_acc * 7) == round(single_acc * 7)
-        assert shared_loss == pytest.approx(single_loss, abs=1e-6)
+        assert shared_loss == approx_loss(single_loss)
     # Feature extraction is sharded: 4 images on rank 0, 3 on rank 1, and both ranks get all 7.
     assert [r["extracted_here"] for r in results] == [4, 3]
     assert all(r["features_equal_max_diff"] < 1e-5 for r in results)
@@ -175,7 +170,7 @@ def test_two_process_training_writes_the_run_once(two_process_run):
     assert done.stdout.count("best epoch") == 1  # rank 0 alone reports
     assert "rank 1" not in done.stderr
     assert json.loads((out / "config.json").read_text())["processes"] == 2
-    rows = rows_of(out)
+    rows = read_metrics(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])  # training loss falls
     assert not list(out.glob("*.tmp*"))
@@ -187,7 +182,7 @@ def test_two_process_val_metrics_match_one_process_on_the_same_weights(two_proce
     result = evaluate_run(out)  # one process, unfolded BatchNorm, the run's own val split
     assert result["n"] == 9
     assert result["accuracy"] == model_json["val_acc"]
-    assert result["loss"] == pytest.approx(model_json["val_loss"], abs=1e-5)
+    assert result["loss"] == approx_loss(model_json["val_loss"])
 
 
 def test_torchrun_eval_prints_what_one_process_prints(two_process_run):
@@ -197,7 +192,7 @@ def test_torchrun_eval_prints_what_one_process_prints(two_process_run):
     two = run_torchrun(["-m", "visiontune", "eval", str(out), "--format", "json"])
     a, b = json.loads(one.stdout), json.loads(two.stdout)  # one JSON document: rank 1 printed nothing
     assert (a["n"], a["correct"], a["accuracy"]) == (b["n"], b["correct"], b["accuracy"])
-    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    assert a["loss"] == approx_loss(b["loss"])
     assert a["confusion_matrix"] == b["confusion_matrix"]
 
 
@@ -213,17 +208,17 @@ def test_a_two_process_run_resumes_with_one(odd_data, ddp_settings, tmp_path):
                                          str(epochs), *ddp_settings]),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     deadline = time.time() + 240
-    while not ((out / "metrics.csv").is_file() and len(rows_of(out)) >= 2):
+    while not ((out / "metrics.csv").is_file() and len(read_metrics(out)) >= 2):
         assert process.poll() is None, "training ended before it could be killed"
         assert time.time() < deadline, "training did not reach epoch 2"
         time.sleep(0.02)
     kill_tree(process.pid)  # torchrun and every worker, as a lost node would
     process.wait()
-    state = checkpoint.load_training_state(out / checkpoint.LAST_CHECKPOINT)
-    killed_at, kept = state["epoch"], rows_of(out)[: state["epoch"]]
+    state = RunFolder(out).load_last()
+    killed_at, kept = state["epoch"], read_metrics(out)[: state["epoch"]]
     assert 1 <= killed_at < epochs
     resumed = training.resume(out, quiet=True)
-    rows = rows_of(out)
+    rows = read_metrics(out)
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
     assert rows[:killed_at] == kept
     # Resumed epochs follow the one-process schedule: 25 images in batches of 4, the last batch of one
@@ -254,15 +249,15 @@ def test_a_one_process_run_resumes_with_two(odd_data, ddp_settings, tmp_path, mo
     with pytest.raises(Stop):
         training.train(str(odd_data), **settings)
     monkeypatch.undo()
-    kept = rows_of(out)
+    kept = read_metrics(out)
     assert len(kept) == 2
     run_torchrun(["-m", "visiontune", "train", "--resume", str(out)])
-    rows = rows_of(out)
+    rows = read_metrics(out)
     assert rows[:2] == kept and [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     # Two processes: 13 images each (one padded), batches of 4, the last of one dropped = 3 steps per epoch.
     for got, want in _epoch_end_lrs(rows[2:], 0.05, epochs, 3):
         assert got == pytest.approx(want, rel=1e-4)
-    assert checkpoint.load_training_state(out / checkpoint.LAST_CHECKPOINT)["finished"]
+    assert RunFolder(out).load_last()["finished"]
 
 
 def test_fixed_mode_with_two_processes_equals_one_process(odd_data, ddp_settings, tmp_path):
@@ -273,9 +268,9 @@ def test_fixed_mode_with_two_processes_equals_one_process(odd_data, ddp_settings
     one = subprocess.run([sys.executable, "-m", "visiontune", *args, "--out", str(tmp_path / "one")],
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
-    two_rows, one_rows = rows_of(tmp_path / "two"), rows_of(tmp_path / "one")
+    two_rows, one_rows = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     for a, b in zip(two_rows, one_rows):
-        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), abs=1e-5)
+        assert float(a["val_loss"]) == approx_loss(float(b["val_loss"]))
         assert a["val_acc"] == b["val_acc"]
     assert math.isfinite(float(two_rows[-1]["train_loss"]))
 
@@ -325,12 +320,12 @@ def test_auto_mode_under_torchrun_plans_once_and_fine_tunes_with_ddp(odd_data, d
     assert done.stdout.count("best epoch") == 1
     plan = json.loads((out / "auto.json").read_text())
     assert plan["full_epochs"] == 2 and done.stdout.count(plan["decision"]) == 1
-    assert [r["stage"] for r in rows_of(out)] == ["head", "head", "full", "full"]
+    assert [r["stage"] for r in read_metrics(out)] == ["head", "head", "full", "full"]
     # The full stage trained the backbone (DDP), and the saved best weights give the logged val numbers.
-    last = checkpoint.load_training_state(out / checkpoint.LAST_CHECKPOINT)["model"]
+    last = RunFolder(out).load_last()["model"]
     pretrained, _ = build_classifier("test_efficientnet", 3, str(tiny_weights))
     assert not torch.equal(last["conv_stem.weight"], pretrained.state_dict()["conv_stem.weight"])
     model_json = json.loads((out / "model.json").read_text())
     result = evaluate_run(out)
     assert result["accuracy"] == model_json["val_acc"]
-    assert result["loss"] == pytest.approx(model_json["val_loss"], abs=1e-5)
+    assert result["loss"] == approx_loss(model_json["val_loss"])

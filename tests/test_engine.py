@@ -13,6 +13,8 @@ from torch import nn
 from visiontune.engine import evaluate, is_better, train_one_epoch
 from visiontune.recipes import lr_multiplier
 
+from .conftest import approx_loss
+
 
 def batches_of(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x[i : i + size], y[i : i + size]) for i in range(0, len(y), size)]
@@ -81,14 +83,14 @@ def test_epoch_loss_is_exact_mean_of_per_sample_losses(toy, batch_size, weighted
 
     stats = evaluate(model, batches_of(x, y, batch_size), class_weights=weights, label_smoothing=smoothing)
     assert stats.n == 23
-    assert stats.loss == pytest.approx(expected_loss, abs=1e-5)
+    assert stats.loss == approx_loss(expected_loss)
     assert stats.accuracy == pytest.approx(expected_acc, abs=1e-12)
 
     # Training with lr=0 leaves the model as it is, so the same reference applies.
     frozen_opt = torch.optim.SGD(model.parameters(), lr=0.0)
     stats = train_one_epoch(model, batches_of(x, y, batch_size), frozen_opt, class_weights=weights,
                             label_smoothing=smoothing)
-    assert stats.loss == pytest.approx(expected_loss, abs=1e-5)
+    assert stats.loss == approx_loss(expected_loss)
 
 
 def test_tutorial_accounting_is_wrong_with_class_weights(toy):
@@ -154,3 +156,4 @@ def test_best_epoch_is_highest_accuracy_then_lowest_loss():
     assert not is_better(0.89, 0.01, (0.9, 0.1))
     assert is_better(0.9, 0.09, (0.9, 0.1))
     assert not is_better(0.9, 0.1, (0.9, 0.1))
+

@@ -17,7 +17,7 @@ import visiontune
 from visiontune.cli import main
 from visiontune.metrics import confusion_matrix, per_class_report, wilson_interval
 
-from .conftest import HYMENOPTERA, make_folder, make_image, needs_hymenoptera
+from .conftest import HYMENOPTERA, approx_loss, make_folder, make_image, needs_hymenoptera
 
 
 def run_cli(args, capsys):
@@ -60,7 +60,7 @@ def test_eval_json_matches_best_epoch(tiny_run, capsys):
     result = json.loads(out)
     assert {"accuracy", "accuracy_ci", "loss", "n", "classes", "per_class", "confusion_matrix", "top_mistakes"} <= set(result)
     assert result["n"] == 6 and result["accuracy"] == tiny_run.best_val_acc
-    assert result["loss"] == pytest.approx(tiny_run.best_val_loss, abs=1e-5)
+    assert result["loss"] == approx_loss(tiny_run.best_val_loss)
     assert sum(map(sum, result["confusion_matrix"])) == 6
 
 
@@ -79,10 +79,32 @@ def test_eval_on_other_data_with_unknown_class_is_an_error(tiny_run, tmp_path, c
 
 
 def test_eval_tta_averages_flipped_probabilities(tiny_run, capsys):
+    import torch
+
+    from visiontune.runfolder import RunFolder
+    from visiontune.images import decode_array
+    from visiontune.preprocess import EvalTransform, Preprocessing, normalize_batch
+
     code, out, _ = run_cli(["eval", str(tiny_run.path), "--format", "json", "--tta"], capsys)
     assert code == 0
     result = json.loads(out)
-    assert result["tta"] is True and 0 <= result["loss"] < 10
+    from visiontune.evaluation import evaluate_run
+
+    plain = evaluate_run(tiny_run.path)
+    # Independent recomputation: mean of -log((softmax(x) + softmax(mirror of x)) / 2)[true class].
+    model, _ = RunFolder(tiny_run.path).load_model()
+    model.eval()
+    pre = Preprocessing.from_json(json.loads((tiny_run.path / "model.json").read_text())["preprocessing"])
+    classes = json.loads((tiny_run.path / "model.json").read_text())["classes"]
+    with (tiny_run.path / "splits" / "val.csv").open() as f:
+        items = [(Path(r["path"]), classes.index(r["label"])) for r in csv.DictReader(f)]
+    x = normalize_batch(torch.stack([EvalTransform(pre)(decode_array(p, pre.resize)) for p, _ in items]), pre)
+    y = torch.tensor([label for _, label in items])
+    with torch.inference_mode():
+        probs = (torch.softmax(model(x), 1) + torch.softmax(model(torch.flip(x, dims=[3])), 1)) / 2
+    expected = -torch.log(probs[torch.arange(len(y)), y]).mean().item()
+    assert result["tta"] is True and result["loss"] == approx_loss(expected)
+    assert result["loss"] != approx_loss(plain["loss"])  # the mirror images did change the answer
 
 
 def test_predict_reports_unreadable_files_and_classifies_the_rest(tiny_run, tiny_data, tmp_path, capsys):

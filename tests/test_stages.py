@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
@@ -14,13 +13,11 @@ from visiontune.backbones import build_classifier
 from visiontune.config import TrainConfig
 from visiontune.engine import per_sample_loss
 from visiontune.errors import UsageError
-from visiontune.recipes import MixBatch, parse_duration
+from visiontune.config import parse_duration
+from visiontune.recipes import MixBatch
 from visiontune.runtime import Runtime
 
-
-def rows_of(run_dir) -> list[dict]:
-    with (run_dir / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
+from .conftest import read_metrics, without_timing
 
 
 @pytest.mark.parametrize("mixup, cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
@@ -119,7 +116,7 @@ def test_staged_head_epochs_leave_the_backbone_untouched(tiny_data, tiny_setting
 def test_staged_runs_head_then_every_layer_at_its_own_lr(tiny_data, tiny_settings, tmp_path):
     run = visiontune.train(tiny_data, out=str(tmp_path / "run"), mode="staged", head_epochs=2, head_lr=0.05,
                            lr=0.002, schedule="constant", **{**tiny_settings, "epochs": 2})
-    rows = rows_of(run.path)
+    rows = read_metrics(run.path)
     assert [r["stage"] for r in rows] == ["head", "head", "full", "full"]
     assert [float(r["lr"]) for r in rows] == [0.05, 0.05, 0.002, 0.002]
     pretrained, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
@@ -135,8 +132,7 @@ def test_staged_resume_across_the_stage_boundary_is_exact(tiny_data, tiny_settin
         with pytest.raises(StopAfterHead):
             visiontune.train(tiny_data, out=str(tmp_path / "split"), **settings)
     resumed = visiontune.resume(tmp_path / "split")
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert strip(rows_of(whole.path)) == strip(rows_of(resumed.path))
+    assert without_timing(read_metrics(whole.path)) == without_timing(read_metrics(resumed.path))
     for k, v in whole.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
 
@@ -150,7 +146,7 @@ def test_auto_plans_fine_tuning_epochs_from_measured_times(tiny_data, tiny_setti
     plan = json.loads((run.path / "auto.json").read_text())
     assert plan["estimated_epoch_seconds"] == pytest.approx(0.83)
     assert plan["full_epochs"] == 3 and run.decision.startswith("auto: fine-tuning every layer for 3 epoch(s)")
-    assert [r["stage"] for r in rows_of(run.path)] == ["head"] * 10 + ["full"] * 3
+    assert [r["stage"] for r in read_metrics(run.path)] == ["head"] * 10 + ["full"] * 3
 
 
 def test_auto_keeps_the_head_when_the_budget_is_spent(tiny_data, tiny_settings, tmp_path, monkeypatch):
@@ -159,7 +155,7 @@ def test_auto_keeps_the_head_when_the_budget_is_spent(tiny_data, tiny_settings, 
                            **{**tiny_settings, "head_epochs": 3})
     plan = json.loads((run.path / "auto.json").read_text())
     assert plan["full_epochs"] == 0 and "one fine-tuning epoch needs about" in plan["decision"]
-    assert [r["stage"] for r in rows_of(run.path)] == ["head"] * 3
+    assert [r["stage"] for r in read_metrics(run.path)] == ["head"] * 3
     pretrained, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
     best = checkpoint.load_weights(run.path / "best.safetensors")
     assert torch.equal(pretrained.state_dict()["conv_stem.weight"], best["conv_stem.weight"])
@@ -184,5 +180,4 @@ def test_deterministic_flag_on_cpu_changes_nothing(tiny_data, tiny_settings, tmp
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert strip(rows_of(plain.path)) == strip(rows_of(strict.path))
+    assert without_timing(read_metrics(plain.path)) == without_timing(read_metrics(strict.path))

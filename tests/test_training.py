@@ -14,11 +14,9 @@ import torch
 import visiontune
 from visiontune import checkpoint
 from visiontune.errors import UsageError
+from visiontune.runfolder import RunFolder
 
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    with (run_dir / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
+from .conftest import approx_loss, read_metrics, without_timing
 
 
 def test_run_folder_has_everything_predict_needs(tiny_data, tiny_settings, tmp_path):
@@ -31,7 +29,7 @@ def test_run_folder_has_everything_predict_needs(tiny_data, tiny_settings, tmp_p
     assert meta["preprocessing"]["size"] == 48
     header = (run.path / "metrics.csv").read_text().splitlines()[0]
     assert header.startswith("epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds")
-    assert len(read_metrics(run.path)) == 2
+    assert [(r["epoch"], r["stage"]) for r in read_metrics(run.path)] == [("0", "probe"), ("1", "full"), ("2", "full")]
     with (run.path / "splits" / "val.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 6
 
@@ -46,7 +44,7 @@ def test_best_epoch_weights_are_restored_and_saved(tiny_data, tiny_settings, tmp
     saved = checkpoint.load_weights(run.path / "best.safetensors")
     for k, v in run.model.state_dict().items():
         assert torch.equal(saved[k], v), k
-    reloaded, _ = checkpoint.load_model(run.path)
+    reloaded, _ = RunFolder(run.path).load_model()
     from visiontune.engine import evaluate
     from visiontune.images import decode_array
     from visiontune.preprocess import EvalTransform, Preprocessing, normalize_batch
@@ -58,8 +56,43 @@ def test_best_epoch_weights_are_restored_and_saved(tiny_data, tiny_settings, tmp
     y = torch.tensor([label for _, label in items])
     stats = evaluate(reloaded, [(x, y)], lambda b: normalize_batch(b, pre))
     assert stats.accuracy == float(best_row["val_acc"])
-    assert stats.loss == pytest.approx(float(best_row["val_loss"]), abs=1e-5)
+    assert stats.loss == approx_loss(float(best_row["val_loss"]))
     assert run.best_epoch != 4 or float(rows[-1]["val_acc"]) == max(float(r["val_acc"]) for r in rows)
+
+
+def evaluate_saved_run(run_dir: Path, classes: list[str]):
+    """Loss and accuracy of RUN's best.safetensors on its val split, from the image files."""
+    from visiontune.engine import evaluate
+    from visiontune.images import decode_array
+    from visiontune.preprocess import EvalTransform, Preprocessing, normalize_batch
+
+    reloaded, _ = RunFolder(run_dir).load_model()
+    pre = Preprocessing.from_json(json.loads((run_dir / "model.json").read_text())["preprocessing"])
+    with (run_dir / "splits" / "val.csv").open() as f:
+        items = [(Path(r["path"]), classes.index(r["label"])) for r in csv.DictReader(f)]
+    x = torch.stack([EvalTransform(pre)(decode_array(p, pre.resize)) for p, _ in items])
+    y = torch.tensor([label for _, label in items])
+    return evaluate(reloaded, [(x, y)], lambda b: normalize_batch(b, pre))
+
+
+def test_the_linear_probe_is_epoch_0_and_competes_for_best(tiny_data, tiny_settings, tmp_path):
+    # lr 1e-30 with frozen BatchNorm cannot change the model, so no fine-tuning epoch beats the probe
+    # (ties go to the lower loss, and the loss is the same): the best weights must be the probe model.
+    settings = {**tiny_settings, "epochs": 2, "lr": 1e-30, "schedule": "constant", "bn": "frozen"}
+    run = visiontune.train(tiny_data, out=str(tmp_path / "run"), **settings)
+    rows = read_metrics(run.path)
+    assert [(r["epoch"], r["stage"], r["lr"]) for r in rows[:1]] == [("0", "probe", "0")]
+    assert run.best_epoch == 0 and json.loads((run.path / "model.json").read_text())["best_epoch"] == 0
+    stats = evaluate_saved_run(run.path, ["ants", "bees"])
+    assert stats.accuracy == float(rows[0]["val_acc"])
+    assert stats.loss == approx_loss(float(rows[0]["val_loss"]))
+    from visiontune.backbones import build_classifier
+
+    pretrained, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
+    saved = checkpoint.load_weights(run.path / "best.safetensors")
+    for k, v in pretrained.state_dict().items():
+        assert k.startswith("classifier.") or torch.equal(v, saved[k]), k
+    assert not torch.equal(pretrained.state_dict()["classifier.weight"], saved["classifier.weight"])
 
 
 @pytest.mark.parametrize("feature_cache", [True, False])
@@ -87,14 +120,13 @@ def test_cached_features_train_the_same_head_as_the_uncached_loop(tiny_data, tin
         torch.testing.assert_close(cached.model.state_dict()[name], plain.model.state_dict()[name],
                                    rtol=0, atol=1e-5)
     for a, b in zip(read_metrics(cached.path), read_metrics(plain.path)):
-        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), abs=1e-5)
+        assert float(a["val_loss"]) == approx_loss(float(b["val_loss"]))
 
 
 def test_same_seed_gives_identical_metrics(tiny_data, tiny_settings, tmp_path):
     first = visiontune.train(tiny_data, out=str(tmp_path / "a"), seed=3, **tiny_settings)
     second = visiontune.train(tiny_data, out=str(tmp_path / "b"), seed=3, **tiny_settings)
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
-    assert strip(read_metrics(first.path)) == strip(read_metrics(second.path))
+    assert without_timing(read_metrics(first.path)) == without_timing(read_metrics(second.path))
 
 
 def test_training_learns_the_tiny_task(tiny_data, tiny_settings, tmp_path):
@@ -139,3 +171,4 @@ def test_feature_cache_reuses_entries_and_re_extracts_a_changed_file(tiny_data, 
     changed = extract_features(model, paths, counting, pre, 2, 0, cache, channels_last=False)
     assert sorted(set(calls)) == [paths[1].name]
     assert torch.equal(changed[:, 0], first[:, 0]) and not torch.equal(changed[0, 1], first[0, 1])
+

@@ -1,4 +1,7 @@
-"""Self-describing, atomic files of a run: weights (safetensors) and JSON sidecars.
+"""File formats of a run: weights (safetensors), JSON sidecars, the resumable state, RNG states.
+
+Which file of a run folder holds what is said in one place, runfolder.py; this module says how
+each kind of file is written and read.
 
 Every write goes to a temporary file in the same folder, is fsynced, then
 renamed over the target, so a kill at any moment leaves either the old file or
@@ -12,13 +15,9 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from .errors import UsageError
 from .files import atomic_write
 
-MODEL_JSON = "model.json"
-BEST_WEIGHTS = "best.safetensors"
 FORMAT_VERSION = 1
 
 
@@ -38,34 +37,6 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
-
-
-def read_model_json(run: Path) -> dict:
-    path = Path(run) / MODEL_JSON
-    if not path.is_file():
-        raise UsageError(f"RUN {run}: has no {MODEL_JSON}; pass a run folder written by `visiontune train`.")
-    meta = json.loads(path.read_text())
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise UsageError(f"RUN {run}: was written by a newer visiontune; upgrade visiontune to read it.")
-    return meta
-
-
-def load_model(run: Path) -> tuple[nn.Module, dict]:
-    """Rebuild the trained classifier of a run folder from model.json and best.safetensors."""
-    from .backbones import build_architecture
-
-    run = Path(run)
-    meta = read_model_json(run)
-    weights = run / BEST_WEIGHTS
-    if not weights.is_file():
-        raise UsageError(f"RUN {run}: has no {BEST_WEIGHTS}; the run did not finish an epoch.")
-    model = build_architecture(meta["architecture"], len(meta["classes"]))
-    model.load_state_dict(load_weights(weights))
-    model.eval()
-    return model, meta
-
-
-LAST_CHECKPOINT = "last.ckpt"
 
 
 def rng_state(generator: torch.Generator) -> dict:

@@ -99,6 +99,16 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_datasets(args: argparse.Namespace) -> int:
     from .known.datasets import KNOWN, find_local
 
+    if args.data is not None:
+        from .data import cross_split_duplicates, discover
+        from .known.datasets import resolve_dataset
+
+        splits = discover(resolve_dataset(args.data) or args.data, val_fraction=args.val_fraction, seed=args.seed)
+        print(splits.describe())
+        leaks = cross_split_duplicates(splits)
+        if leaks:
+            print(f"  {len(leaks)} image(s) are byte-identical in more than one split (visiontune doctor DATA lists them)")
+        return 0
     print(f"{'name':14} {'status':10} description")
     for name, d in KNOWN.items():
         local = find_local(d)
@@ -182,9 +192,9 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
     from .lr_find import lr_find
 
     settings = {k: v for k, v in vars(args).items()
-                if k in ("mode", "model", "weights", "batch_size", "optimizer", "seed", "cache_dir", "bn")
+                if k in ("mode", "model", "weights", "batch_size", "optimizer", "seed", "cache_dir", "bn", "device")
                 and v is not None}
-    result = lr_find(args.data, steps=args.steps, start=args.start, end=args.end, plot=args.plot, **settings)
+    result = lr_find(args.data, steps=args.steps, start=args.start, end=args.end, out=args.out, **settings)
     print(f"suggested learning rates: valley {result['valley']:.2e}, steepest {result['steepest']:.2e} "
           f"({len(result['lrs'])} steps; plot {result['plot']})")
     return 0
@@ -195,7 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     sub.add_parser("models", help="list registered backbones and whether they work offline")
-    sub.add_parser("datasets", help="list known data sets and whether they are on this machine")
+    p = sub.add_parser("datasets", help="list known data sets; with DATA: the layout, classes and counts "
+                                        "training would use")
+    p.add_argument("data", nargs="?", help="a folder, CSV or known data set name to inspect")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="as for train, when DATA has no val split")
+    p.add_argument("--seed", type=int, default=0, help="as for train, when DATA has no val split")
 
     p = sub.add_parser("lr-find", help="learning-rate range test: suggests a learning rate, changes nothing")
     p.add_argument("data", metavar="DATA")
@@ -210,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--start", type=float, default=1e-6)
     p.add_argument("--end", type=float, default=1.0)
-    p.add_argument("--plot", default="lr_find.png", help="where to save the loss-vs-lr plot")
+    p.add_argument("--out", help="new or empty folder for lr_find.png (default runs/<data>-lr-find[-N])")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N, as for train")
 
     p = sub.add_parser("doctor", help="decode every image and report what is wrong with the data")
     p.add_argument("data", metavar="DATA")

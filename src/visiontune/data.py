@@ -2,10 +2,18 @@
 
 Layouts accepted:
 - `DATA/train/<class>/*`, `DATA/val/<class>/*`, optional `DATA/test/<class>/*`
-  (the tutorial's). Without `val/`, val is split off `train/` automatically.
+  (the tutorial's), with the split names people use in any letter case
+  (`SPLIT_ALIASES`: training_set, valid, validation, test_set, ...). Without a
+  val split, val is split off train automatically; test stays test.
 - `DATA/<class>/*`: split automatically, stratified by class and seeded.
+- either of those inside single wrapper folders (what unzipping an archive adds).
 - a CSV file with a `path,label` header and an optional `split` column; relative
   paths are relative to the CSV's folder.
+
+A layout that cannot be read with certainty is refused with one sentence, never
+guessed: split folders beside other image folders, two folders for one split, a
+class named like a split, or class folders that all hold the same sub-folders
+(`photos/batch1/{cats,dogs}`, where the classes are one level down).
 
 The class index is the sorted list of class names, identical for all splits.
 """
@@ -13,6 +21,7 @@ The class index is the sorted list of class names, identical for all splits.
 from __future__ import annotations
 
 import csv
+import hashlib
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +31,16 @@ from .errors import DataError, UsageError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = ("train", "val", "test")
+# Folder names (compared in lower case) that mean a split, from the archives people download.
+SPLIT_ALIASES = {
+    "train": ("train", "training", "training_set", "trainset", "train_set"),
+    "val": ("val", "valid", "validation", "dev", "val_set", "valset", "validation_set"),
+    "test": ("test", "testing", "test_set", "testset"),
+}
+# Folders that archives add beside the data: never a class, never a split.
+IGNORED_FOLDERS = {"__macosx"}
+ACCEPTED_LAYOUTS = ("DATA/<class>/*.jpg, or DATA/train/<class>/ with DATA/val/<class>/ (optional DATA/test/<class>/; "
+                    "split names such as training_set, valid, test_set work too), or a path,label CSV")
 
 
 @dataclass
@@ -33,12 +52,60 @@ class Splits:
     samples: dict[str, list[tuple[Path, int]]]
     layout: str  # "folders", "class-folders" or "csv"
     auto_split: dict = field(default_factory=dict)  # how val was made, when it was
+    split_folders: dict[str, str] = field(default_factory=dict)  # split -> folder name, for the split layout
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {
             split: {c: n for c, n in zip(self.classes, _class_counts(items, len(self.classes)))}
             for split, items in self.samples.items()
         }
+
+    def describe(self) -> str:
+        """The layout as understood, for a person to check before training: splits, classes, counts."""
+        kinds = {"folders": "split folders", "class-folders": "class folders (no split folders)", "csv": "CSV"}
+        lines = [f"{self.root}: {kinds[self.layout]}, {len(self.classes)} classes"]
+        counts = self.counts()
+        width = max(len("total"), *(len(c) for c in self.classes))
+        splits = list(self.samples)
+        header = "  ".join(f"{s + ' (' + self.split_folders[s] + '/)' if s in self.split_folders else s:>14}"
+                           for s in splits)
+        lines.append(f"  {'class':{width}}  {header}")
+        for c in self.classes:
+            lines.append(f"  {c:{width}}  " + "  ".join(f"{counts[s][c]:>14}" for s in splits))
+        lines.append(f"  {'total':{width}}  " + "  ".join(f"{len(self.samples[s]):>14}" for s in splits))
+        if self.auto_split:
+            source = "every image" if self.auto_split["val_from"] == "all" else "train"
+            lines.append(f"  val: {self.auto_split['val_fraction']:.0%} of each class held out of {source}, "
+                         f"seed {self.auto_split['seed']} (--val-fraction, --seed)")
+        return "\n".join(lines)
+
+
+def cross_split_duplicates(splits: Splits) -> list[list[tuple[str, Path, int]]]:
+    """Groups of byte-identical files found in more than one split, as (split, path, label).
+
+    A val or test image that is also a training image is a leak: it makes val accuracy look better than
+    the model is. Files are compared by size first (a stat), and only sizes shared across splits are
+    hashed, so a clean data set costs a stat per file.
+    """
+    by_size: dict[int, list[tuple[str, Path, int]]] = defaultdict(list)
+    for split, items in splits.samples.items():
+        for path, label in items:
+            try:
+                by_size[path.stat().st_size].append((split, path, label))
+            except OSError:
+                continue  # unreadable files are reported by screening
+    groups = []
+    for same_size in by_size.values():
+        if len({split for split, _, _ in same_size}) < 2:
+            continue
+        by_hash: dict[str, list[tuple[str, Path, int]]] = defaultdict(list)
+        for entry in same_size:
+            try:
+                by_hash[hashlib.sha256(entry[1].read_bytes()).hexdigest()].append(entry)
+            except OSError:
+                continue
+        groups += [group for group in by_hash.values() if len({split for split, _, _ in group}) > 1]
+    return sorted(groups, key=lambda g: str(g[0][1]))
 
 
 def _class_counts(items: list[tuple[Path, int]], num_classes: int) -> list[int]:
@@ -60,12 +127,86 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _class_folders(folder: Path) -> dict[str, list[Path]]:
-    return {
-        d.name: images_in(d)
-        for d in sorted(folder.iterdir())
-        if d.is_dir() and not d.name.startswith(".")
-    }
+def split_of(folder_name: str) -> str | None:
+    """"train", "val" or "test" when a folder's name means that split, in any letter case."""
+    name = folder_name.lower()
+    return next((split for split, names in SPLIT_ALIASES.items() if name in names), None)
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(d for d in folder.iterdir()
+                  if d.is_dir() and not d.name.startswith(".") and d.name.lower() not in IGNORED_FOLDERS)
+
+
+@dataclass
+class Layout:
+    """Where the images of a data folder are: its real root and, for the split layout, each split's folder."""
+
+    root: Path
+    split_folders: dict[str, Path]  # e.g. {"train": root/"training_set", "test": root/"test_set"}; {} for class folders
+
+
+def find_layout(data: Path, need_train: bool = True) -> Layout:
+    """Look through wrapper folders, find split folders by name; refuse what is ambiguous.
+
+    need_train=False for evaluation, where a folder with only test/ (or val/) is complete."""
+    root = data
+    for _ in range(3):  # archive/archive-name/data/... is as deep as wrappers go in practice
+        subdirs = _visible_dirs(root)
+        # One sub-folder, no images beside it, and folders inside it: a wrapper, not a single class.
+        if (len(subdirs) == 1 and split_of(subdirs[0].name) is None and _visible_dirs(subdirs[0])
+                and not any(is_image_file(p) for p in root.iterdir())):
+            root = subdirs[0]
+        else:
+            break
+    found: dict[str, Path] = {}
+    others = []
+    for d in _visible_dirs(root):
+        split = split_of(d.name)
+        if split is None:
+            others.append(d)
+        elif split in found:
+            raise DataError(f"DATA {root}: both {found[split].name}/ and {d.name}/ look like the {split} split; "
+                            f"keep one of them (rename or move the other).")
+        else:
+            found[split] = d
+    if not found:
+        return Layout(root, {})
+    stray = [d.name for d in others if images_in(d)]
+    if "train" not in found and stray:
+        named = ", ".join(f"{d.name}/" for d in found.values())
+        raise DataError(f"DATA {root}: {named} is named like a split but sits beside the class folders "
+                        f"{', '.join(stray)}; rename that class folder, or arrange the images as {ACCEPTED_LAYOUTS}.")
+    if need_train and "train" not in found:
+        names = ", ".join(f"{d.name}/" for d in found.values())
+        raise DataError(f"DATA {root}: has {names} but no training split; add a train/ folder of class folders "
+                        f"(accepted: {ACCEPTED_LAYOUTS}).")
+    if stray:
+        raise DataError(f"DATA {root}: mixes split folders ({', '.join(d.name for d in found.values())}) with "
+                        f"other image folders ({', '.join(stray)}); move those into a split or out of DATA.")
+    return Layout(root, {s: found[s] for s in SPLIT_NAMES if s in found})
+
+
+def class_folders(folder: Path) -> dict[str, list[Path]]:
+    """{class name: its images} for the class folders in `folder`, refusing a tree that is not one."""
+    classes = {d.name: images_in(d) for d in _visible_dirs(folder)}
+    like_split = sorted(c for c, files in classes.items() if files and split_of(c))
+    if like_split:
+        raise DataError(f"DATA {folder}: has a class folder named like a split ({', '.join(like_split)}); a class "
+                        f"cannot be called that (accepted: {ACCEPTED_LAYOUTS}).")
+    # Sub-folders that hold images, per class folder, from the listing already made (no more I/O).
+    inner = {c: {p.relative_to(folder / c).parts[0] for p in files if len(p.relative_to(folder / c).parts) > 1}
+             for c, files in classes.items()}
+    groups = sorted(c for c, names in inner.items() if len(names) >= 2)
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            shared = sorted(inner[a] & inner[b])
+            if len(shared) >= 2:
+                raise DataError(
+                    f"DATA {folder}: the folders {a} and {b} each hold the same folders ({', '.join(shared[:5])}), "
+                    f"so the classes look one level down; point DATA at one of them or arrange the images as "
+                    f"{ACCEPTED_LAYOUTS}.")
+    return classes
 
 
 def stratified_split(
@@ -95,19 +236,24 @@ def discover(data: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Spli
         if root.suffix.lower() != ".csv":
             raise UsageError(f"DATA {root}: is a file but not a .csv; pass a folder of class folders or a path,label CSV.")
         splits = _from_csv(root, val_fraction, seed)
-    elif (root / "train").is_dir():
-        splits = _from_split_folders(root, val_fraction, seed)
     else:
-        splits = _from_class_folders(root, val_fraction, seed)
+        layout = find_layout(root)
+        if layout.split_folders:
+            splits = _from_split_folders(layout, val_fraction, seed)
+        else:
+            splits = _from_class_folders(layout.root, val_fraction, seed)
     _check_usable(splits)
     return splits
 
 
-def _from_split_folders(root: Path, val_fraction: float, seed: int) -> Splits:
-    per_split = {s: _class_folders(root / s) for s in SPLIT_NAMES if (root / s).is_dir()}
+def _from_split_folders(layout: Layout, val_fraction: float, seed: int) -> Splits:
+    root = layout.root
+    per_split = {s: class_folders(folder) for s, folder in layout.split_folders.items()}
     train_classes = sorted(c for c, files in per_split["train"].items() if files)
     if not train_classes:
-        raise DataError(f"DATA {root / 'train'}: holds no images in class folders; put images in train/<class>/ (extensions {_ext_list()}).")
+        train = layout.split_folders["train"]
+        raise DataError(f"DATA {train}: holds no images in class folders; put images in {train.name}/<class>/ "
+                        f"(extensions {_ext_list()}).")
     for split, folders in per_split.items():
         if split == "train":
             continue
@@ -123,13 +269,16 @@ def _from_split_folders(root: Path, val_fraction: float, seed: int) -> Splits:
                 )
                 if part
             )
-            raise DataError(f"DATA {root / split}: class folders differ from train ({detail}); use the same class folder names in every split.")
+            raise DataError(f"DATA {layout.split_folders[split]}: class folders differ from train ({detail}); use the "
+                            "same class folder names in every split.")
     index = {c: i for i, c in enumerate(train_classes)}
     samples = {
         split: [(p, index[c]) for c in train_classes for p in folders.get(c, [])]
         for split, folders in per_split.items()
     }
-    return _with_val_split(root, train_classes, samples, "folders", val_fraction, seed)
+    splits = _with_val_split(root, train_classes, samples, "folders", val_fraction, seed)
+    splits.split_folders = {split: folder.name for split, folder in layout.split_folders.items()}
+    return splits
 
 
 def _with_val_split(root: Path, classes: list[str], samples: dict, layout: str, val_fraction: float,
@@ -144,7 +293,7 @@ def _with_val_split(root: Path, classes: list[str], samples: dict, layout: str, 
 
 
 def _from_class_folders(root: Path, val_fraction: float, seed: int) -> Splits:
-    folders = _class_folders(root)
+    folders = class_folders(root)
     classes = sorted(c for c, files in folders.items() if files)
     if not classes:
         loose = [p for p in root.iterdir() if is_image_file(p)]

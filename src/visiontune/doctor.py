@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from .data import IMAGE_EXTENSIONS, SPLIT_NAMES
+from .data import IMAGE_EXTENSIONS, find_layout
 from .errors import UsageError
 from .images import MAX_PIXELS, _to_rgb
 TINY_SIDE = 32
@@ -161,13 +161,12 @@ def diagnose(data: str | Path) -> dict:
     root = Path(data)
     if not root.is_dir():
         raise UsageError(f"DATA {root}: is not a folder; pass the folder of images to check.")
-    report: dict = {"root": str(root), "symlink_loops": [], "hidden": [], "other_files": []}
-    top = {d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
-    split_layout = "train" in top
-    splits = [s for s in SPLIT_NAMES if s in top] if split_layout else [""]
+    layout = find_layout(root, need_train=False)  # the layout training would read, or its one-sentence refusal
+    report: dict = {"root": str(layout.root), "symlink_loops": [], "hidden": [], "other_files": [],
+                    "split_folders": {split: d.name for split, d in layout.split_folders.items()}}
+    folders = layout.split_folders or {"": layout.root}
     per_split_classes: dict[str, dict[str, list[Path]]] = {}
-    for split in splits:
-        folder = root / split if split else root
+    for split, folder in folders.items():
         classes = {}
         for d in sorted(folder.iterdir()):
             if d.is_dir() and not d.name.startswith("."):
@@ -221,6 +220,8 @@ def diagnose(data: str | Path) -> dict:
 
 def format_report(r: dict) -> str:
     lines = [f"{r['images']} images under {r['root']}"]
+    if r["split_folders"]:
+        lines.append("  split folders: " + ", ".join(f"{name}/ = {split}" for split, name in r["split_folders"].items()))
     for split, classes in r["counts"].items():
         lines.append(f"  {split}: " + ", ".join(f"{c} {n}" for c, n in classes.items()))
     if r["imbalance_ratio"] and r["imbalance_ratio"] > 1:

@@ -90,6 +90,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     no_sync: Callable[[], ContextManager] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
+    on_step: Callable[[torch.Tensor], None] | None = None,
 ) -> EpochStats:
     """One pass over `batches`; one optimizer step per `accumulate` batches.
 
@@ -104,6 +105,9 @@ def train_one_epoch(
     A non-finite loss raises `NonFiniteLoss` before the step that would spread
     it into the weights (one scalar check per batch: free on a CPU). After each
     step `should_stop()` is asked whether to end the epoch early (Ctrl-C).
+    `on_step(loss)`, when given, sees each optimizer step's mean per-sample loss
+    before the step is taken (lr-find records its curve with it; fastai's
+    `lr_find` is likewise `fit` plus a per-step hook).
     """
     start = time.perf_counter()
     set_train_mode(model, frozen)
@@ -114,8 +118,13 @@ def train_one_epoch(
     pending = 0  # samples whose gradients are summed in .grad and not yet stepped
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)  # for on_step only
+
     def step() -> None:
-        nonlocal pending
+        nonlocal pending, step_loss
+        if on_step is not None:  # a hook that reads (lr-find's loss curve); it cannot change the step
+            on_step(step_loss / pending)
+            step_loss = torch.zeros_like(step_loss)
         if scaler is not None:
             scaler.unscale_(optimizer)
         if accumulate > 1 and reduction == "mean":
@@ -158,6 +167,8 @@ def train_one_epoch(
                 (scaler.scale(objective) if scaler is not None else objective).backward()
             pending += labels.shape[0]
             loss_sum += losses.detach().sum()
+            if on_step is not None:
+                step_loss += losses.detach().sum()
             correct += (logits.detach().argmax(dim=1) == labels).sum()
             n += labels.shape[0]
             if index % accumulate == 0:

@@ -2,40 +2,32 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import load_model
-from .data import discover, images_in
+from .data import class_folders, discover, find_layout
 from .errors import DataError, UsageError
 from .metrics import confusion_matrix, per_class_report, wilson_interval
-
-
-def run_items(run: Path, split: str, classes: list[str]) -> list[tuple[Path, int]]:
-    """The run's own split, as recorded in RUN/splits/<split>.csv."""
-    path = run / "splits" / f"{split}.csv"
-    if not path.is_file():
-        raise UsageError(f"--split {split}: RUN {run} has no {split} split; pass DATA or use --split val.")
-    with path.open(newline="") as f:
-        return [(Path(row["path"]), classes.index(row["label"])) for row in csv.DictReader(f)]
+from .runfolder import RunFolder
 
 
 def data_items(data: Path, split: str, classes: list[str]) -> list[tuple[Path, int]]:
-    """Images of DATA under the run's class index: DATA/<split>/<class>/ when DATA has split folders,
-    else DATA/<class>/, or the `split` rows of a CSV."""
+    """Images of DATA under the run's class index: DATA's `split` folder when DATA has split folders
+    (any of the names training accepts), else DATA/<class>/, or the `split` rows of a CSV."""
     if data.is_dir():
-        has_splits = any((data / s).is_dir() for s in ("train", "val", "test"))
-        folder = data / split if has_splits else data
-        if not folder.is_dir():
-            raise UsageError(f"--split {split}: DATA {data} has no {split}/ folder.")
-        found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-        unknown = sorted(set(found) - set(classes))
+        layout = find_layout(data, need_train=False)
+        folder = layout.split_folders.get(split) if layout.split_folders else layout.root
+        if folder is None:
+            have = ", ".join(f"{name} ({d.name}/)" for name, d in layout.split_folders.items())
+            raise UsageError(f"--split {split}: DATA {layout.root} has no {split} folder (it has {have}); "
+                             f"use --split with one of those.")
+        per_class = {c: files for c, files in class_folders(folder).items() if files}
+        unknown = sorted(set(per_class) - set(classes))
         if unknown:
             raise DataError(f"DATA {folder}: class folders {', '.join(unknown)} are not classes of this run "
                             f"({', '.join(classes)}); remove them or evaluate a run trained on them.")
-        return [(p, classes.index(c)) for c in found for p in images_in(folder / c)]
+        return [(p, classes.index(c)) for c in sorted(per_class) for p in per_class[c]]
     splits = discover(data)
     if split not in splits.samples:
         raise UsageError(f"--split {split}: DATA {data} has no {split} split.")
@@ -62,10 +54,10 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
 
     rt = runtime.start(device, "fp32")
     run = Path(run)
-    model, meta = load_model(run)
+    model, meta = RunFolder(run).load_model()
     model = model.to(rt.device)
     classes = meta["classes"]
-    items = run_items(run, split, classes) if data is None else data_items(Path(data), split, classes)
+    items = RunFolder(run).read_split(split, classes) if data is None else data_items(Path(data), split, classes)
     if not items:
         raise DataError(f"the {split} split to evaluate holds no images.")
     pre = Preprocessing.from_json(meta["preprocessing"])

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_model, write_json
+from .checkpoint import write_json
 from .errors import UsageError, VisiontuneError
-from .evaluation import run_items
+from .runfolder import RunFolder
 from .images import eval_input
 
 TOLERANCE = 1e-4
@@ -37,7 +37,7 @@ class WithSoftmax(nn.Module):
 
 
 def _check_images(run: Path, meta: dict, limit: int | None) -> np.ndarray:
-    items = run_items(run, "val", meta["classes"])[:limit]
+    items = RunFolder(run).read_split("val", meta["classes"])[:limit]
     return np.stack([eval_input(p, meta["preprocessing"]) for p, _ in items]).astype(np.float32)
 
 
@@ -53,11 +53,11 @@ def export_run(run: str | Path, fmt: str = "onnx", out: str | Path | None = None
 def _export(run: Path, fmt: str, out: str | Path | None, check_images: int | None) -> tuple[Path, float]:
     from .predict import META_KEY, load
 
-    model, meta = load_model(run)
+    model, meta = RunFolder(run).load_model()
     suffix = {"onnx": ".onnx", "torchscript": ".pt"}.get(fmt)
     if suffix is None:
         raise UsageError(f"--format {fmt!r}: use onnx or torchscript.")
-    out = Path(out) if out else run / f"model{suffix}"
+    out = Path(out) if out else RunFolder(run).export_file(suffix)
     if out.exists():
         raise UsageError(f"--out {out}: already exists; choose another file or delete it first.")
     wrapped = WithSoftmax(model).eval()

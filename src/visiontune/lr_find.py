@@ -38,47 +38,55 @@ def suggest(lrs: list[float], losses: list[float]) -> dict:
     return {"steepest": steepest, "valley": valley}
 
 
-def lr_find(data: str, steps: int = 100, start: float = 1e-6, end: float = 1.0, plot: str | Path = "lr_find.png",
+def lr_find(data: str, steps: int = 100, start: float = 1e-6, end: float = 1.0, out: str | Path | None = None,
             **settings) -> dict:
-    from .config import TrainConfig
-    from .training import prepare_training
+    """Run the range test on a throw-away copy of what `train` would build; write the plot into `out`.
 
-    cfg = TrainConfig(data=str(data), quiet=True, **settings).resolved()
-    with torch.random.fork_rng(devices=[]):
-        model, batches, prepare, optimizer, frozen = prepare_training(cfg)
-        factor = (end / start) ** (1 / max(1, steps - 1))
-        for group in optimizer.param_groups:
-            group["lr"] = start
-        lrs, smoothed, raw = [], [], []
-        avg, best = 0.0, math.inf
-        model.train()
-        for m in frozen:
-            m.eval()
-        step = 0
-        while step < steps:
-            for images, targets in batches:
-                if step >= steps:
-                    break
-                lr = start * factor**step
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = torch.nn.functional.cross_entropy(model(prepare(images)), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                value = float(loss.detach())
-                avg = 0.98 * avg + 0.02 * value
-                debiased = avg / (1 - 0.98 ** (step + 1))
-                lrs.append(lr)
-                raw.append(value)
-                smoothed.append(debiased)
-                best = min(best, debiased)
-                step += 1
-                if not math.isfinite(debiased) or debiased > 4 * best:
-                    step = steps  # diverged: the rest of the range tells nothing
-                    break
+    The stage comes from the same builder as training's (fine-tuning: every layer on augmented images;
+    fixed mode: the head on cached features) and is trained by the engine's loop; the only differences
+    are an exponential learning-rate schedule and a per-step hook that records the loss and ends the
+    test once the loss has diverged. `out`: a folder (default runs/<data>-lr-find[-N]).
+    """
+    from . import runtime
+    from .config import TrainConfig
+    from .engine import NonFiniteLoss, train_one_epoch
+    from .pipeline import build_setup, choose_run_dir, ensure_writable, full_stage, head_stage
+
+    cfg = TrainConfig(data=str(data), quiet=True, out=None if out is None else str(out), **settings).resolved()
+    folder = choose_run_dir(cfg, kind="lr-find")
+    ensure_writable(folder)
+    rt = runtime.start(cfg.device, cfg.precision, cfg.deterministic)
+    factor = (end / start) ** (1 / max(1, steps - 1))
+    lrs, smoothed = [], []
+    curve = {"avg": 0.0, "best": math.inf, "stop": False}
+
+    def record(loss: torch.Tensor) -> None:
+        value = float(loss)
+        curve["avg"] = 0.98 * curve["avg"] + 0.02 * value
+        debiased = curve["avg"] / (1 - 0.98 ** (len(lrs) + 1))
+        lrs.append(stage.optimizer.param_groups[-1]["lr"])
+        smoothed.append(debiased)
+        curve["best"] = min(curve["best"], debiased)
+        # Diverged (the rest of the range tells nothing), or the range is done.
+        curve["stop"] = not math.isfinite(debiased) or debiased > 4 * curve["best"] or len(lrs) >= steps
+
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        s = build_setup(cfg, rt)
+        stage = head_stage(s, 1, start) if cfg.mode == "fixed" else full_stage(s, 1)
+        for group in stage.optimizer.param_groups:
+            # initial_lr too: the stage's own scheduler already set it, and LambdaLR starts from it.
+            group["lr"] = group["initial_lr"] = start
+        schedule = torch.optim.lr_scheduler.LambdaLR(stage.optimizer, lambda step: factor**step)
+        try:
+            while not curve["stop"]:
+                train_one_epoch(stage.trainable, stage.train_batches, stage.optimizer, stage.prepare, schedule,
+                                stage.frozen, device=rt.device, autocast=rt.autocast, scaler=stage.scaler,
+                                should_stop=lambda: curve["stop"], on_step=record)
+        except NonFiniteLoss:
+            pass  # diverged to inf/nan: the curve up to here is the result
     result = {"lrs": lrs, "losses": smoothed, **suggest(lrs, smoothed)}
-    _plot(result, Path(plot))
+    plot = folder / "lr_find.png"
+    _plot(result, plot)
     result["plot"] = str(plot)
     return result
 

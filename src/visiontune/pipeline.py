@@ -13,7 +13,6 @@ stage on images.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import random
@@ -44,13 +43,14 @@ def resolve_data(cfg: TrainConfig) -> Splits:
     return discover(root, val_fraction=cfg.val_fraction, seed=cfg.seed)
 
 
-def choose_run_dir(cfg: TrainConfig) -> Path:
+def choose_run_dir(cfg: TrainConfig, kind: str | None = None) -> Path:
+    """--out (new or empty, never overwritten), else runs/<data>-<kind: the mode>[-N]."""
     if cfg.out is not None:
         out = Path(cfg.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise UsageError(f"--out {out}: already exists and is not empty; choose a new folder or delete it first.")
         return out
-    stem = Path("runs") / f"{(Path(cfg.data).name or 'data').removesuffix('.csv')}-{cfg.mode}"
+    stem = Path("runs") / f"{(Path(cfg.data).name or 'data').removesuffix('.csv')}-{kind or cfg.mode}"
     candidate, n = stem, 1
     while candidate.exists():
         n += 1
@@ -125,27 +125,6 @@ def screen_images(decode, paths: list[Path], progress, rt: Runtime | None = None
     found = {str(p): why for p, why in zip(mine, reasons) if why is not None}
     merged = {k: v for part in rt.all_gather(found) for k, v in part.items()}
     return {str(p): merged[str(p)] for p in paths if str(p) in merged}
-
-
-def write_splits(run_dir: Path, splits: Splits) -> None:
-    folder = run_dir / "splits"
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, items in splits.samples.items():
-        with (folder / f"{split}.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "label"])
-            for path, label in items:
-                writer.writerow([str(path), splits.classes[label]])
-
-
-def check_same_splits(run_dir: Path, splits: Splits) -> None:
-    for split, items in splits.samples.items():
-        path = run_dir / "splits" / f"{split}.csv"
-        with path.open(newline="") as f:
-            recorded = [(row["path"], row["label"]) for row in csv.DictReader(f)]
-        if recorded != [(str(p), splits.classes[y]) for p, y in items]:
-            raise UsageError(f"--resume {run_dir}: the {split} images differ from those the run started with; "
-                             "restore the data or start a new run.")
 
 
 @dataclass

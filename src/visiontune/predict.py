@@ -87,9 +87,9 @@ def load(path: str | Path) -> Predictor:
     """A run folder, an exported .onnx file, or an exported TorchScript (.pt/.ts) file."""
     path = Path(path)
     if path.is_dir():
-        from .checkpoint import load_model
+        from .runfolder import RunFolder
 
-        model, meta = load_model(path)
+        model, meta = RunFolder(path).load_model()
         return Predictor(meta["classes"], meta["preprocessing"], _torch_backend(model), f"run:{path}")
     if not path.is_file():
         raise UsageError(f"{path}: no such run folder or model file; pass a run folder or an exported .onnx/.pt file.")

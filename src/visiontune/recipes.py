@@ -116,20 +116,3 @@ class MixBatch:
         mixed = inputs.clone()
         mixed[..., top:bottom, left:right] = inputs[perm][..., top:bottom, left:right]
         return mixed, 1 - (bottom - top) * (right - left) / (height * width)
-
-
-def parse_duration(text: str, flag: str = "--budget") -> float:
-    """Seconds in "90", "90s", "5m", "1h", "2m30s"."""
-    import re
-
-    from .errors import UsageError
-
-    value = str(text).strip().lower()
-    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", value)
-    if not value or parts is None or not any(parts.groups()):
-        raise UsageError(f"{flag} {text!r} is invalid: use a duration such as 90s, 5m or 1h.")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
-    total = hours * 3600 + minutes * 60 + seconds
-    if total <= 0:
-        raise UsageError(f"{flag} {text!r} is invalid: use a duration above zero, such as 5m.")
-    return total
