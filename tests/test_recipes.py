@@ -132,7 +132,8 @@ def test_recipe_options_run_end_to_end(tiny_data, tiny_settings, tmp_path):
     run = visiontune.train(tiny_data, out=str(tmp_path / "r"), class_weights="auto", sampler="balanced",
                            accumulate=2, augment="strong", schedule="onecycle", optimizer="adamw", lr_decay=0.7,
                            label_smoothing=0.1, **{**tiny_settings, "lr": 0.001})
-    assert len(run.metrics) == 2 and all(np.isfinite(r["train_loss"]) for r in run.metrics)
+    assert [r["stage"] for r in run.metrics] == ["probe", "full", "full"]
+    assert all(np.isfinite(r["train_loss"]) for r in run.metrics)
 
 
 def test_lr_find_suggests_and_changes_nothing(tiny_data, tiny_settings, tmp_path, capsys):
