@@ -44,17 +44,7 @@ def test_best_epoch_weights_are_restored_and_saved(tiny_data, tiny_settings, tmp
     saved = checkpoint.load_weights(run.path / "best.safetensors")
     for k, v in run.model.state_dict().items():
         assert torch.equal(saved[k], v), k
-    reloaded, _ = RunFolder(run.path).load_model()
-    from visiontune.engine import evaluate
-    from visiontune.images import decode_array
-    from visiontune.preprocess import EvalTransform, Preprocessing, normalize_batch
-
-    pre = Preprocessing.from_json(json.loads((run.path / "model.json").read_text())["preprocessing"])
-    with (run.path / "splits" / "val.csv").open() as f:
-        items = [(Path(r["path"]), ["ants", "bees"].index(r["label"])) for r in csv.DictReader(f)]
-    x = torch.stack([EvalTransform(pre)(decode_array(p, pre.resize)) for p, _ in items])
-    y = torch.tensor([label for _, label in items])
-    stats = evaluate(reloaded, [(x, y)], lambda b: normalize_batch(b, pre))
+    stats = evaluate_saved_run(run.path, ["ants", "bees"])
     assert stats.accuracy == float(best_row["val_acc"])
     assert stats.loss == approx_loss(float(best_row["val_loss"]))
     assert run.best_epoch != 4 or float(rows[-1]["val_acc"]) == max(float(r["val_acc"]) for r in rows)
