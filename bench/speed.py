@@ -49,8 +49,10 @@ def child(args: argparse.Namespace) -> None:
     startup = wall - sum(epochs)
     result = {
         "wall": wall,
-        "wall_to_best": startup + sum(epochs[: run.best_epoch]),
-        "epoch_seconds": epochs,
+        # By epoch number: a fine-tune run's row 0 is the linear probe (epoch 0), not a training epoch.
+        "wall_to_best": startup + sum(row["seconds"] for row in run.metrics if row["epoch"] <= run.best_epoch),
+        "epoch_seconds": [row["seconds"] for row in run.metrics if row["stage"] != "probe"],
+        "probe_seconds": sum(row["seconds"] for row in run.metrics if row["stage"] == "probe"),
         "best_val_acc": run.best_val_acc,
         "best_epoch": run.best_epoch,
     }
