@@ -32,7 +32,7 @@ def measure(rt, precision: str, channels_last: bool, compile_model: bool, batch:
             model_name: str) -> dict:
     from visiontune.backbones import build_classifier
     from visiontune.engine import evaluate, train_one_epoch
-    from visiontune.features import fold_batchnorm
+    from visiontune.folding import fold_batchnorm
     from visiontune.recipes import param_groups
 
     rt.precision = precision

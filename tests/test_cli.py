@@ -92,3 +92,18 @@ def test_argparse_choice_errors_exit_2(capsys):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "visiontune", "models"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "efficientnet_lite0" in result.stdout
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    import visiontune
+
+    for flag in ("--version", "-V"):
+        code, out, _ = run_cli([flag], capsys)
+        assert code == 0 and out.strip() == f"visiontune {visiontune.__version__}"
+
+
+def test_exit_codes_tell_a_bad_flag_from_bad_data(tmp_path, capsys):
+    one_class = make_folder(tmp_path / "one", {"ants": 6})
+    assert run_cli(["train", str(tmp_path / "one"), "--epochs", "0"], capsys)[0] == 2
+    code, _, err = run_cli(["train", str(one_class), "--quiet"], capsys)
+    assert code == 3 and "Traceback" not in err

@@ -62,13 +62,15 @@ def test_evaluate_changes_no_parameter_and_no_buffer(toy):
     model = BNNet()
     train_one_epoch(model, batches_of(x, y, 8), torch.optim.SGD(model.parameters(), lr=0.1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = evaluate(model, batches_of(x, y, 4), keep_logits=True)
+    out = evaluate(model, batches_of(x, y, 4), keep_outputs=True)
     after = model.state_dict()
     for k in before:
         assert torch.equal(before[k], after[k]), f"evaluate changed {k}"
-    assert not out.logits.requires_grad
+    assert not out.probabilities.requires_grad
     # Deterministic: dropout off and BatchNorm on running statistics.
-    assert torch.equal(evaluate(model, batches_of(x, y, 4), keep_logits=True).logits, out.logits)
+    assert torch.equal(evaluate(model, batches_of(x, y, 4), keep_outputs=True).probabilities, out.probabilities)
+    # The kept per-sample losses are the ones the mean loss is made of.
+    assert out.losses.mean().item() == pytest.approx(out.loss, rel=1e-6)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 7, 23])

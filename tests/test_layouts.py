@@ -93,7 +93,7 @@ def test_ambiguous_layouts_are_refused_in_one_sentence(tmp_path, groups, classes
 def test_the_refusal_reaches_the_cli_without_a_traceback(tmp_path, capsys, monkeypatch):
     root = make_tree(tmp_path / "photos", ["batch1", "batch2"])
     monkeypatch.chdir(tmp_path)  # where a run folder would be created
-    assert main(["train", str(root), "--quiet"]) == 2  # DataError: exit 2 today (issue 15 would make it 3)
+    assert main(["train", str(root), "--quiet"]) == 3  # bad data: exit 3, apart from a bad flag (2)
     err = capsys.readouterr().err
     assert "Traceback" not in err and "batch1 and batch2" in err
     assert not (tmp_path / "runs").exists()

@@ -85,6 +85,20 @@ def test_the_linear_probe_is_epoch_0_and_competes_for_best(tiny_data, tiny_setti
     assert not torch.equal(pretrained.state_dict()["classifier.weight"], saved["classifier.weight"])
 
 
+def test_the_probe_is_fixed_modes_best_epoch(tiny_data, tiny_settings, tmp_path):
+    # Epoch 0 of a fine-tune run must be the model --mode fixed gives with the same seed (its 25
+    # head epochs, best on val), so that "fine-tuning adds to fixed mode" is measured from there.
+    settings = {**tiny_settings, "seed": 3}
+    finetune = visiontune.train(tiny_data, out=str(tmp_path / "finetune"), **{**settings, "epochs": 1})
+    fixed = visiontune.train(tiny_data, mode="fixed", out=str(tmp_path / "fixed"), **{**settings, "epochs": 25})
+    probe = read_metrics(finetune.path)[0]
+    assert probe["stage"] == "probe"
+    assert float(probe["val_acc"]) == fixed.best_val_acc
+    assert float(probe["val_loss"]) == approx_loss(fixed.best_val_loss)
+    best_fixed_row = next(r for r in read_metrics(fixed.path) if int(r["epoch"]) == fixed.best_epoch)
+    assert float(probe["train_loss"]) == approx_loss(float(best_fixed_row["train_loss"]))
+
+
 @pytest.mark.parametrize("feature_cache", [True, False])
 def test_fixed_mode_leaves_backbone_bitwise_unchanged(tiny_data, tiny_settings, tiny_weights, tmp_path, feature_cache):
     from visiontune.backbones import build_classifier

@@ -9,6 +9,7 @@ import sys
 
 from .config import (AUGMENTS, BN_POLICIES, CLASS_WEIGHTS, HEAD_INITS, MODES, OPTIMIZERS, PRECISIONS, SAMPLERS,
                      SCHEDULES, TrainConfig)
+from . import __version__
 from .errors import DataError, UsageError, VisiontuneError
 
 
@@ -29,14 +30,14 @@ def _train_parser(sub) -> None:
     p.add_argument("--budget", help="auto: wall-clock budget for the run, e.g. 90s, 5m, 1h (default 5m)")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--eval-batch-size", type=int, default=TrainConfig.eval_batch_size)
-    p.add_argument("--lr", type=float, help="peak learning rate (default 0.003 finetune, 0.01 fixed)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4 AdamW finetune/staged/auto, 0.01 SGD fixed)")
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--momentum", type=float, default=TrainConfig.momentum)
     p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
     p.add_argument("--schedule", choices=SCHEDULES)
     p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--bn", choices=BN_POLICIES, default=TrainConfig.bn,
-                   help="fine-tune BatchNorm statistics: train (default) or frozen")
+    p.add_argument("--bn", choices=BN_POLICIES,
+                   help="fine-tune BatchNorm statistics: frozen (default: the pretrained ones) or train")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--augment", choices=AUGMENTS, default=TrainConfig.augment)
     p.add_argument("--mixup", type=float, help="mixup Beta alpha, 0 off (default 0.2 with --augment strong, else 0)")
@@ -202,6 +203,7 @@ def _cmd_lr_find(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visiontune", description="Fine-tune pretrained image classifiers.")
+    parser.add_argument("-V", "--version", action="version", version=f"visiontune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     sub.add_parser("models", help="list registered backbones and whether they work offline")

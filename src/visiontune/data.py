@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -365,3 +366,44 @@ class ImageDataset:
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         return self.transform(self.decode(path)), label
+
+
+def worker_count(cfg, rt) -> int:
+    """DataLoader workers: --workers, else none on a CPU (decoding is cached and the cores are busy
+    with the model), else up to 8 per GPU process, leaving a core for the process itself."""
+    if cfg.workers is not None:
+        return cfg.workers
+    if rt.device.type == "cpu":
+        return 0
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, (os.cpu_count() or 2) // local_processes - 1))
+
+
+def train_loader(items: list[tuple[Path, int]], decode, transform, cfg, rt, generator):
+    """Shuffled (or class-balanced) training batches of this process's share of `items`."""
+    import torch
+
+    from .recipes import make_sampler
+    from .runtime import ShardSampler
+
+    dataset = ImageDataset(items, decode, transform)
+    labels = torch.tensor([y for _, y in items])
+    sampler = ShardSampler(make_sampler(cfg, dataset, labels, generator), rt.rank, rt.world_size)
+    workers = worker_count(cfg, rt)
+    return torch.utils.data.DataLoader(
+        # The generator goes to the sampler only: given to the DataLoader it would also be drawn
+        # from for worker seeds, and the order would differ from the cached-feature path's.
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0,
+        # A last batch of one sample breaks BatchNorm in train mode; drop it then.
+        drop_last=len(sampler) % cfg.batch_size == 1 and cfg.mode != "fixed")
+
+
+def val_loader(items: list[tuple[Path, int]], decode, transform, cfg, rt):
+    """Evaluation batches in file order. Each rank evaluates its own share, unpadded: summed over
+    ranks, every image counts once."""
+    import torch
+
+    return torch.utils.data.DataLoader(ImageDataset(rt.shard(items), decode, transform),
+                                       batch_size=cfg.eval_batch_size, shuffle=False,
+                                       num_workers=worker_count(cfg, rt), pin_memory=rt.device.type == "cuda")

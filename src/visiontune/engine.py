@@ -45,7 +45,10 @@ class NonFiniteLoss(ArithmeticError):
 
 @dataclass
 class EvalOutput(EpochStats):
-    logits: torch.Tensor | None = None
+    probabilities: torch.Tensor | None = None
+    """With keep_outputs: softmax probabilities per sample (averaged over the flips with tta), on the CPU."""
+    losses: torch.Tensor | None = None
+    """With keep_outputs: each sample's loss (float64), in batch order."""
     targets: torch.Tensor | None = None
 
 
@@ -191,44 +194,52 @@ def evaluate(
     prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
     class_weights: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
-    keep_logits: bool = False,
+    keep_outputs: bool = False,
     device: torch.device | str = "cpu",
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
+    tta: bool = False,
 ) -> EvalOutput:
     """Loss and accuracy over `batches` with no graph and no change to any parameter or buffer.
 
-    Distributed: each rank passes its own shard of the images (every sample on exactly one rank) and
-    `reduce` adds [loss sum, correct, n] over ranks before the one division.
+    `tta`: each image's probabilities are the mean of its own and its mirror image's (horizontal
+    flip), and its loss is -log of that mean at the true class (class weights and smoothing do not
+    apply to it). Distributed: each rank passes its own shard of the images (every sample on exactly
+    one rank) and `reduce` adds [loss sum, correct, n] over ranks before the one division.
     """
     start = time.perf_counter()
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
-    all_logits, all_targets = [], []
+    kept: dict[str, list[torch.Tensor]] = {"probabilities": [], "losses": [], "targets": []}
     with torch.inference_mode():
         for images, targets in batches:
             inputs, targets = prepare(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
             with autocast():
                 logits = model(inputs)
             logits = logits.float()
-            loss_sum += per_sample_loss(logits, targets, class_weights, label_smoothing).sum()
-            correct += (logits.argmax(dim=1) == targets).sum()
+            if tta:
+                with autocast():
+                    mirrored = model(torch.flip(inputs, dims=[3]))
+                probabilities = (torch.softmax(logits, 1) + torch.softmax(mirrored.float(), 1)) / 2
+                losses = -torch.log(probabilities[torch.arange(len(targets), device=device), targets])
+            else:
+                probabilities = None
+                losses = per_sample_loss(logits, targets, class_weights, label_smoothing)
+            loss_sum += losses.sum()
+            predictions = (probabilities if tta else logits).argmax(dim=1)
+            correct += (predictions == targets).sum()
             n += targets.shape[0]
-            if keep_logits:
-                all_logits.append(logits.float().cpu())
-                all_targets.append(targets.cpu())
+            if keep_outputs:
+                kept["probabilities"].append((probabilities if tta else torch.softmax(logits, 1)).cpu())
+                kept["losses"].append(losses.double().cpu())
+                kept["targets"].append(targets.cpu())
     loss_total, correct_total, n_total = reduce(
         torch.stack([loss_sum, correct.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])).tolist()
-    return EvalOutput(
-        loss=loss_total / max(n_total, 1),
-        accuracy=correct_total / max(n_total, 1),
-        n=int(n_total),
-        seconds=time.perf_counter() - start,
-        logits=torch.cat(all_logits) if keep_logits else None,
-        targets=torch.cat(all_targets) if keep_logits else None,
-    )
+    outputs = {k: (torch.cat(v) if v else None) for k, v in kept.items()} if keep_outputs else {}
+    return EvalOutput(loss=loss_total / max(n_total, 1), accuracy=correct_total / max(n_total, 1), n=int(n_total),
+                      seconds=time.perf_counter() - start, **outputs)
 
 
 def is_better(val_acc: float, val_loss: float, best: tuple[float, float] | None) -> bool:

@@ -1,7 +1,9 @@
 """Errors a user can cause: one sentence naming the file or flag and the fix.
 
 The CLI prints `str(error)` and exits with `error.exit_code`; it never shows a
-traceback for these.
+traceback for these. Exit codes a script can tell apart: 0 ok, 1 failed
+(training stopped, failed checks), 2 bad command line, 3 bad data, 130
+interrupted.
 """
 
 
@@ -18,6 +20,6 @@ class UsageError(VisiontuneError):
 
 
 class DataError(VisiontuneError):
-    """The data itself is unusable (no images, a single class, ...)."""
+    """The data itself is unusable (no images, a single class, an unreadable layout, ...): exit code 3."""
 
-    exit_code = 2
+    exit_code = 3

@@ -48,7 +48,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     import torch
 
     from . import runtime
-    from .engine import per_sample_loss
+    from .engine import evaluate
     from .images import decode_array
     from .preprocess import EvalTransform, Preprocessing, normalize_batch
 
@@ -63,22 +63,15 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     pre = Preprocessing.from_json(meta["preprocessing"])
     transform = EvalTransform(pre)
     mine = rt.shard(range(len(items)))
-    scored: dict[int, tuple[np.ndarray, float]] = {}
-    with torch.inference_mode():
+
+    def batches():
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
-            x = normalize_batch(torch.stack([transform(decode_array(items[i][0], pre.resize, pre.interpolation))
-                                             for i in chunk]).to(rt.device), pre)
-            y = torch.tensor([items[i][1] for i in chunk], device=rt.device)
-            logits = model(x).float()
-            if tta:  # average the probabilities of the image and its mirror image
-                probs = (torch.softmax(logits, 1) + torch.softmax(model(torch.flip(x, dims=[3])).float(), 1)) / 2
-                losses = -torch.log(probs[torch.arange(len(y)), y])
-            else:
-                probs = torch.softmax(logits, 1)
-                losses = per_sample_loss(logits, y)
-            for i, p, loss in zip(chunk, probs.cpu().numpy(), losses.double().cpu().tolist()):
-                scored[i] = (p, loss)
+            yield (torch.stack([transform(decode_array(items[i][0], pre.resize, pre.interpolation)) for i in chunk]),
+                   torch.tensor([items[i][1] for i in chunk]))
+
+    out = evaluate(model, batches(), lambda x: normalize_batch(x, pre), keep_outputs=True, device=rt.device, tta=tta)
+    scored = {i: (p, loss) for i, p, loss in zip(mine, out.probabilities.numpy(), out.losses.tolist())}
     if rt.distributed:
         scored = {i: v for part in rt.all_gather(scored) for i, v in part.items()}
         if not rt.is_main:

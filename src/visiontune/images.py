@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,30 @@ def eval_input(path: str | Path, pre: dict) -> np.ndarray:
     mean = np.asarray(pre["mean"], dtype=np.float32) * 255.0
     std = np.asarray(pre["std"], dtype=np.float32) * 255.0
     return ((crop.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+
+
+def screen_images(decode, paths: list[Path], progress, rt=None) -> dict[str, str]:
+    """Decode every image once (threads: Pillow releases the GIL); {path: reason} of the failures.
+
+    With the decode cache, a good image is decoded only on the first run and a
+    bad one is remembered as bad (keyed by size and mtime), so later runs screen
+    from the cache. With several processes each screens its share.
+    """
+    from .runtime import Runtime
+
+    rt = rt or Runtime()
+
+    def attempt(path: Path) -> str | None:
+        try:
+            decode(path)
+            return None
+        except Exception as exc:  # any failure to read or decode leaves the image out
+            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+    mine = rt.shard(paths)
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        reasons = list(progress(pool.map(attempt, mine), len(mine), "checking images"))
+    found = {str(p): why for p, why in zip(mine, reasons) if why is not None}
+    merged = {k: v for part in rt.all_gather(found) for k, v in part.items()}
+    return {str(p): merged[str(p)] for p in paths if str(p) in merged}

@@ -14,28 +14,24 @@ stage on images.
 from __future__ import annotations
 
 import math
-import os
-import random
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import backbones, checkpoint
 from .config import TrainConfig
-from .data import ImageDataset, Splits, discover
+from .data import Splits, discover, train_loader, val_loader
 from .errors import DataError, UsageError
 from .features import FeatureBatches, FeatureCache, extract_features
-from .images import DecodeCache, decode_array, default_cache_dir
+from .images import DecodeCache, decode_array, default_cache_dir, screen_images
 from .known.datasets import resolve_dataset
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
 from .recipes import MixBatch, inverse_frequency_weights, lr_multiplier, make_optimizer, make_sampler
-from .runtime import Runtime, ShardSampler
+from .runtime import Runtime, seed_everything, seed_rank
 
 
 def resolve_data(cfg: TrainConfig) -> Splits:
@@ -68,25 +64,6 @@ def ensure_writable(folder: Path) -> None:
         raise UsageError(f"--out {folder}: cannot be written ({exc.strerror}); choose a writable folder.") from None
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed the global generators (model init, augmentation, dropout, mixing) and return the run's own
-    generator, which orders the data."""
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def seed_rank(seed: int, rank: int) -> None:
-    """After the model is built (identically on every rank), ranks after 0 reseed the global generators
-    so that their augmentations differ; rank 0 goes on as a single-process run would."""
-    if rank > 0:
-        rank_seed = seed + 7919 * rank
-        random.seed(rank_seed)
-        np.random.seed(rank_seed % (1 << 32))
-        torch.manual_seed(rank_seed)
-
-
 def default_train_size(eval_size: int) -> int:
     return max(32, int(round(eval_size * 5 / 7 / 16)) * 16)
 
@@ -100,31 +77,6 @@ def progress_bar(enabled: bool):
         return tqdm(iterable, total=total, desc=desc, leave=False, disable=not show, file=sys.stderr)
 
     return wrap
-
-
-def screen_images(decode, paths: list[Path], progress, rt: Runtime | None = None) -> dict[str, str]:
-    """Decode every image once (threads: Pillow releases the GIL); {path: reason} of the failures.
-
-    With the decode cache, a good image is decoded only on the first run and a
-    bad one is remembered as bad (keyed by size and mtime), so later runs screen
-    from the cache. With several processes each screens its share.
-    """
-    rt = rt or Runtime()
-
-    def attempt(path: Path) -> str | None:
-        try:
-            decode(path)
-            return None
-        except Exception as exc:  # any failure to read or decode leaves the image out
-            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-    mine = rt.shard(paths)
-    workers = max(1, min(4, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:
-        reasons = list(progress(pool.map(attempt, mine), len(mine), "checking images"))
-    found = {str(p): why for p, why in zip(mine, reasons) if why is not None}
-    merged = {k: v for part in rt.all_gather(found) for k, v in part.items()}
-    return {str(p): merged[str(p)] for p in paths if str(p) in merged}
 
 
 @dataclass
@@ -281,34 +233,12 @@ def _scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, epochs: int):
         optimizer, lambda step: lr_multiplier(cfg.schedule, step, steps_per_epoch, epochs, cfg.warmup_epochs))
 
 
-def _worker_count(cfg: TrainConfig, rt: Runtime) -> int:
-    if cfg.workers is not None:
-        return cfg.workers
-    if rt.device.type == "cpu":
-        return 0  # decoding is cached; worker processes would only compete with the model for the cores
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, (os.cpu_count() or 2) // local_processes - 1))
-
-
 def image_train_batches(s: Setup, transform) -> torch.utils.data.DataLoader:
-    cfg, rt = s.cfg, s.rt
-    dataset = ImageDataset(s.train_items, s.decode, transform)
-    sampler = ShardSampler(make_sampler(cfg, dataset, s.train_labels, s.generator), rt.rank, rt.world_size)
-    workers = _worker_count(cfg, rt)
-    return torch.utils.data.DataLoader(
-        # The generator goes to the sampler only: given to the DataLoader it would also be drawn
-        # from for worker seeds, and the order would differ from the cached-feature path's.
-        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
-        pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0,
-        # A last batch of one sample breaks BatchNorm in train mode; drop it then.
-        drop_last=len(sampler) % cfg.batch_size == 1 and cfg.mode != "fixed")
+    return train_loader(s.train_items, s.decode, transform, s.cfg, s.rt, s.generator)
 
 
 def image_val_batches(s: Setup) -> torch.utils.data.DataLoader:
-    # Each rank evaluates its own share, unpadded: summed over ranks, every image counts once.
-    return torch.utils.data.DataLoader(ImageDataset(s.rt.shard(s.val_items), s.decode, EvalTransform(s.pre)),
-                                       batch_size=s.cfg.eval_batch_size, shuffle=False,
-                                       num_workers=_worker_count(s.cfg, s.rt), pin_memory=s.rt.device.type == "cuda")
+    return val_loader(s.val_items, s.decode, EvalTransform(s.pre), s.cfg, s.rt)
 
 
 def _wrap(s: Setup, model: nn.Module) -> nn.Module:

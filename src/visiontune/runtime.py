@@ -12,9 +12,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TypeVar
 
+import numpy as np
 import torch
 
 from .errors import UsageError, VisiontuneError
@@ -237,3 +239,22 @@ def enable_determinism() -> None:
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed the global generators (model init, augmentation, dropout, mixing) and return the run's own
+    generator, which orders the data."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """After the model is built (identically on every rank), ranks after 0 reseed the global generators
+    so that their augmentations differ; rank 0 goes on as a single-process run would."""
+    if rank > 0:
+        rank_seed = seed + 7919 * rank
+        random.seed(rank_seed)
+        np.random.seed(rank_seed % (1 << 32))
+        torch.manual_seed(rank_seed)

@@ -17,15 +17,16 @@ import torch
 from torch import nn
 
 from . import checkpoint, runtime
-from .config import MODE_DEFAULTS, TrainConfig, parse_duration
+from .runtime import seed_rank
+from .config import TrainConfig, parse_duration
 from .data import cross_split_duplicates
 from .engine import EpochStats, NonFiniteLoss, evaluate, is_better, train_one_epoch
 from .errors import UsageError, VisiontuneError
-from .features import FeatureBatches, fold_batchnorm
+from .folding import fold_batchnorm
 from .memory import release_freed_memory
 from .pipeline import (Setup, Stage, build_setup, choose_run_dir, class_weights_for, ensure_writable,
-                       full_stage, head_stage, seed_rank)
-from .recipes import lr_multiplier, make_optimizer
+                       full_stage, head_stage)
+from .recipes import fit_probe
 from .runfolder import RunFolder
 
 @dataclass
@@ -431,33 +432,9 @@ def probe_row(s: Setup) -> dict:
     """
     start = time.perf_counter()
     cfg, classifier = s.cfg, s.model.get_classifier()
-    train_stats = fit_probe(classifier, s.features_of(s.train_items, 1), s.train_labels, cfg, s.generator)
     val_labels = torch.tensor([y for _, y in s.val_items])
-    val_batches = zip(s.features_of(s.val_items, 1)[0].split(cfg.eval_batch_size), val_labels.split(cfg.eval_batch_size))
-    val_stats = evaluate(classifier, val_batches, label_smoothing=cfg.label_smoothing, device=s.rt.device)
+    train_stats, val_stats = fit_probe(classifier, s.features_of(s.train_items, 1), s.train_labels, cfg, s.generator,
+                                       s.features_of(s.val_items, 1)[0], val_labels)
     return {"epoch": 0, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
             "val_loss": val_stats.loss, "val_acc": val_stats.accuracy, "lr": 0.0,
             "seconds": time.perf_counter() - start, "stage": "probe"}
-
-
-def fit_probe(classifier: nn.Module, features: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
-              generator: torch.Generator) -> EpochStats:
-    """Linear probe: fit the new head on frozen-backbone features before fine-tuning (LP-FT).
-
-    The probe is fixed mode's head recipe (its optimizer, lr and epochs), not the fine-tuning lr:
-    at the fine-tuning lr (0.003, 10 epochs) the head was underfitted (eurosat10: 0.895 vs fixed
-    mode's 0.930, docs/recipes.md), and fine-tuning then started below what freezing reaches.
-    It costs one forward pass over the training images (cached across runs) and about a second of
-    head training. Every rank fits the same head from the same features and generator.
-    """
-    head = MODE_DEFAULTS["fixed"]
-    device = next(classifier.parameters()).device
-    batches = FeatureBatches(features, labels, cfg.batch_size, generator)
-    optimizer = make_optimizer(replace(cfg, lr=head["lr"], optimizer=head["optimizer"], lr_decay=None),
-                               list(classifier.named_parameters()))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(head["schedule"], step, len(batches), head["epochs"], 0.0))
-    for _ in range(head["epochs"]):
-        stats = train_one_epoch(classifier, batches, optimizer, scheduler=scheduler,
-                                label_smoothing=cfg.label_smoothing, device=device)
-    return stats
