@@ -49,16 +49,17 @@ def world(tmp_path_factory, tiny_weights):
 
 
 def table(root: Path, good: Path, run: Path) -> list[tuple[list[str], int, str]]:
+    # Exit 2: the command line (a flag, a path that is not there); exit 3: the data itself.
     g = str(good)
     return [
         (["train", str(root / "nowhere")], 2, "DATA"),
-        (["train", str(root / "empty")], 2, "no images"),
-        (["train", str(root / "one")], 2, "single class"),
-        (["train", str(root / "mism")], 2, "class folders differ"),
+        (["train", str(root / "empty")], 3, "no images"),
+        (["train", str(root / "one")], 3, "single class"),
+        (["train", str(root / "mism")], 3, "class folders differ"),
         (["train", str(root / "notes.txt")], 2, "not a .csv"),
-        (["train", str(root / "noheader.csv")], 2, "path,label"),
-        (["train", str(root / "missing.csv")], 2, "does not exist"),
-        (["train", str(root / "split.csv")], 2, "holdout"),
+        (["train", str(root / "noheader.csv")], 3, "path,label"),
+        (["train", str(root / "missing.csv")], 3, "does not exist"),
+        (["train", str(root / "split.csv")], 3, "holdout"),
         (["train", g, "--model", "no_such_net"], 2, "--model"),
         (["train", g, "--weights", str(root / "absent.pt")], 2, "--weights"),
         (["train", g, "--weights", str(root / "text_weights.pt")], 2, "--weights"),
@@ -91,7 +92,7 @@ def table(root: Path, good: Path, run: Path) -> list[tuple[list[str], int, str]]
         (["train", "--resume", str(run)], 2, "already finished"),
         (["eval", str(root / "not-a-run")], 2, "model.json"),
         (["eval", str(run), "--split", "test"], 2, "--split"),
-        (["eval", str(run), str(root / "mism")], 2, "c"),
+        (["eval", str(run), str(root / "mism")], 3, "c"),
         (["predict", str(root / "absent.onnx"), g], 2, "no such run folder or model file"),
         (["predict", str(root / "notes.txt"), g], 2, "unknown model file type"),
         (["doctor", str(root / "nowhere")], 2, "DATA"),

@@ -1,4 +1,4 @@
-"""The command line: end to end through main(argv), and bad input as one sentence, exit 2."""
+"""The command line: end to end through main(argv), and bad input as one sentence, exit 2 or 3."""
 
 from __future__ import annotations
 
@@ -61,23 +61,23 @@ def _bad_inputs(tmp_path):
     (mismatch / "val" / "c").mkdir()
     (tmp_path / "mm_extra" / "val" / "c" / "c_v0.png").rename(mismatch / "val" / "c" / "x.png")
     good = make_folder(tmp_path / "good", {"a": 3, "b": 3})
-    return [
-        (["train", str(tmp_path / "nope")], "DATA"),
-        (["train", str(no_images)], "no images"),
-        (["train", str(one_class)], "single class"),
-        (["train", str(mismatch)], "class folders differ"),
-        (["train", str(good), "--model", "no_such_net"], "--model"),
-        (["train", str(good), "--epochs", "0"], "--epochs"),
-        (["train", str(good), "--lr", "-1"], "--lr"),
-        (["train", str(good), "--batch-size", "0"], "--batch-size"),
-        (["train", str(good), "--weights", str(tmp_path / "missing.pt")], "--weights"),
+    return [  # exit 2: the command line; exit 3: the data
+        (["train", str(tmp_path / "nope")], "DATA", 2),
+        (["train", str(no_images)], "no images", 3),
+        (["train", str(one_class)], "single class", 3),
+        (["train", str(mismatch)], "class folders differ", 3),
+        (["train", str(good), "--model", "no_such_net"], "--model", 2),
+        (["train", str(good), "--epochs", "0"], "--epochs", 2),
+        (["train", str(good), "--lr", "-1"], "--lr", 2),
+        (["train", str(good), "--batch-size", "0"], "--batch-size", 2),
+        (["train", str(good), "--weights", str(tmp_path / "missing.pt")], "--weights", 2),
     ]
 
 
-def test_bad_input_is_one_sentence_exit_2(tmp_path, capsys):
-    for args, words in _bad_inputs(tmp_path):
+def test_bad_input_is_one_sentence_with_its_exit_code(tmp_path, capsys):
+    for args, words, expected in _bad_inputs(tmp_path):
         code, out, err = run_cli(args + ["--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "o")], capsys)
-        assert code == 2, (args, err)
+        assert code == expected, (args, err)
         assert "Traceback" not in err
         message = err.strip().splitlines()
         assert len(message) == 1 and words in message[0], (args, err)

@@ -151,3 +151,36 @@ def test_decode_cache_bound_streams_past_it(tmp_path):
         assert cache(tmp_path / f"{i}.png").shape == (32, 32, 3)
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2
     assert np.array_equal(np.asarray(cache(tmp_path / "2.png")), decode_array(tmp_path / "2.png", 32))
+
+
+@pytest.mark.parametrize("decode_cache", [True, False])
+def test_loader_workers_give_the_same_batches_as_the_main_process(tmp_path, decode_cache):
+    # Workers decode and crop; with the eval transform (no randomness) their batches must be exactly the
+    # main process's, in the same order. The decoder is picklable either way (forkserver/spawn need it).
+    from functools import partial
+    from types import SimpleNamespace
+
+    import torch
+
+    from visiontune.data import train_loader, val_loader
+    from visiontune.preprocess import EvalTransform, Preprocessing
+
+    root = make_folder(tmp_path / "d", {"a": 5, "b": 5}, layout="flat")
+    items = [(p, i) for i, c in enumerate("ab") for p in sorted((root / c).iterdir())]
+    pre = Preprocessing(size=32, resize=36, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875)
+    decode = DecodeCache(36, directory=tmp_path / "cache") if decode_cache else partial(decode_array, short_side=36)
+    rt = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), shard=lambda xs: xs)
+
+    def batches(workers: int, loader):
+        cfg = SimpleNamespace(workers=workers, batch_size=4, eval_batch_size=4, sampler="random", mode="finetune")
+        made = loader(cfg)
+        if workers:
+            assert made.multiprocessing_context.get_start_method() == "fork"
+        return [(x.clone(), y.clone()) for x, y in made]
+
+    for make in (lambda cfg: train_loader(items, decode, EvalTransform(pre), cfg, rt, torch.Generator().manual_seed(0)),
+                 lambda cfg: val_loader(items, decode, EvalTransform(pre), cfg, rt)):
+        in_process, in_workers = batches(0, make), batches(2, make)
+        assert len(in_process) == 3
+        for (x0, y0), (x1, y1) in zip(in_process, in_workers):
+            assert torch.equal(x0, x1) and torch.equal(y0, y1)

@@ -88,7 +88,7 @@ def ddp_settings(tiny_weights, tmp_path_factory) -> list[str]:
     cache = tmp_path_factory.mktemp("ddp-cache")
     return ["--model", "test_efficientnet", "--weights", str(tiny_weights), "--image-size", "48",
             "--train-size", "48", "--batch-size", "4", "--cache-dir", str(cache), "--no-channels-last",
-            "--head-init", "random", "--lr", "0.05"]
+            "--head-init", "random", "--lr", "0.05", "--optimizer", "sgd", "--bn", "train"]
 
 
 @pytest.fixture(scope="module")
@@ -329,3 +329,39 @@ def test_auto_mode_under_torchrun_plans_once_and_fine_tunes_with_ddp(odd_data, d
     result = evaluate_run(out)
     assert result["accuracy"] == model_json["val_acc"]
     assert result["loss"] == approx_loss(model_json["val_loss"])
+
+
+NAN_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from visiontune import runtime
+    from visiontune.engine import NonFiniteLoss, train_one_epoch
+
+    out = Path(sys.argv[1])
+    rt = runtime.start("cpu", "fp32")
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Linear(4, 3))
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(4)]
+    if rt.rank == 1:
+        batches[2][0][0, 0] = float("nan")  # only rank 1 sees a bad sample, in its third batch
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        train_one_epoch(model, batches, optimizer, reduce=rt.all_reduce_sum)
+        result = {"stopped_at": None}
+    except NonFiniteLoss as exc:
+        result = {"stopped_at": exc.step}
+    (out / f"rank{rt.rank}.json").write_text(json.dumps(result))
+''')
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    # Without the shared check rank 0 would go on into the gradient exchange of step 3 and wait there
+    # for rank 1 until the timeout.
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_SCRIPT)
+    run_torchrun([str(script), str(tmp_path)], timeout=120)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["stopped_at"] for r in (0, 1)] == [3, 3]

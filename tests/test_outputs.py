@@ -72,7 +72,7 @@ def test_eval_table_says_what_one_image_is_worth(tiny_run, capsys):
 def test_eval_on_other_data_with_unknown_class_is_an_error(tiny_run, tmp_path, capsys):
     other = make_folder(tmp_path / "other", {"ants": 2, "wasps": 2}, layout="flat")
     code, _, err = run_cli(["eval", str(tiny_run.path), str(other)], capsys)
-    assert code == 2 and "wasps" in err and "Traceback" not in err
+    assert code == 3 and "wasps" in err and "Traceback" not in err
     same = make_folder(tmp_path / "same", {"ants": 2, "bees": 3}, layout="flat")
     code, out, _ = run_cli(["eval", str(tiny_run.path), str(same), "--format", "json"], capsys)
     assert code == 0 and json.loads(out)["n"] == 5

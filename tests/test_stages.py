@@ -181,3 +181,37 @@ def test_deterministic_flag_on_cpu_changes_nothing(tiny_data, tiny_settings, tmp
     finally:
         torch.use_deterministic_algorithms(False)
     assert without_timing(read_metrics(plain.path)) == without_timing(read_metrics(strict.path))
+
+
+def test_auto_budget_counts_the_time_spent_before_a_resume(tiny_data, tiny_settings, tmp_path, monkeypatch):
+    # One fine-tuning epoch is estimated at 0.83 s (as above): with a 1 h budget all 3 epochs fit; a
+    # run that had already used 3598 s before it was stopped has no time left for any of them.
+    monkeypatch.setattr(training, "_time_fine_tune_step", lambda s: (0.05, 0.02, 0.01))
+    settings = {**tiny_settings, "mode": "auto", "epochs": 3, "eval_batch_size": 4, "head_epochs": 2,
+                "budget": "1h"}
+    def stop_before_planning(*args):
+        raise StopAfterHead
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_plan_auto", stop_before_planning)
+        with pytest.raises(StopAfterHead):
+            visiontune.train(tiny_data, out=str(tmp_path / "run"), **settings)
+    last = tmp_path / "run" / "last.ckpt"
+    state = checkpoint.load_training_state(last)
+    assert 0 < state["seconds"] < 600 and "full_epochs" not in state["plan"]
+    state["seconds"] = 3598.0  # as if the first process had worked for almost the whole hour
+    checkpoint.save_training_state(last, state)
+    resumed = visiontune.resume(tmp_path / "run")
+    plan = json.loads((resumed.path / "auto.json").read_text())
+    assert plan["seconds_used"] >= 3598 and plan["full_epochs"] == 0
+    assert resumed.seconds >= 3598
+
+
+def test_the_fp16_loss_scale_is_part_of_the_checkpoint():
+    # A resumed fp16 run must go on with the loss scale it had, not start again from 65536.
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    stage = type("StageStub", (), {"name": "full", "optimizer": torch.optim.SGD([torch.nn.Parameter(torch.ones(1))],
+                                                                                 lr=0.1), "scaler": scaler})()
+    state = training.LoopState().to_checkpoint(torch.nn.Linear(1, 1), stage, torch.Generator())
+    assert state["scaler"]["scale"] == 1024.0
+    assert training.LoopState().to_checkpoint(torch.nn.Linear(1, 1), None, torch.Generator())["scaler"] is None

@@ -273,7 +273,7 @@ def _print_error(exc: VisiontuneError) -> None:
 
     rank, _, world = env_world()
     if world > 1 and rank > 0:
-        if isinstance(exc, (UsageError, DataError)):  # the same on every rank
+        if isinstance(exc, (UsageError, DataError)) or getattr(exc, "same_on_every_rank", False):  # said by rank 0
             return
         print(f"visiontune: error (rank {rank}): {exc}", file=sys.stderr)
         return

@@ -368,6 +368,22 @@ class ImageDataset:
         return self.transform(self.decode(path)), label
 
 
+# Loader workers start by fork(), PyTorch's default on Linux, not forkserver or spawn. Measured
+# (docs/performance.md): forkserver re-imports the user's main script in every worker, so a plain
+# script that calls visiontune.train() without an `if __name__ == "__main__":` guard fails with
+# "DataLoader worker exited unexpectedly"; with the guard it gave the same batches and metrics as
+# fork at the same speed (hymenoptera, 2 workers, 2 cores: 41.6 s vs 39.6 s).
+WORKER_START_METHOD = "fork"
+
+
+def _worker_context(workers: int):
+    if workers == 0:
+        return None
+    import multiprocessing
+
+    return multiprocessing.get_context(WORKER_START_METHOD)
+
+
 def worker_count(cfg, rt) -> int:
     """DataLoader workers: --workers, else none on a CPU (decoding is cached and the cores are busy
     with the model), else up to 8 per GPU process, leaving a core for the process itself."""
@@ -395,6 +411,7 @@ def train_loader(items: list[tuple[Path, int]], decode, transform, cfg, rt, gene
         # from for worker seeds, and the order would differ from the cached-feature path's.
         dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
         pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0,
+        multiprocessing_context=_worker_context(workers),
         # A last batch of one sample breaks BatchNorm in train mode; drop it then.
         drop_last=len(sampler) % cfg.batch_size == 1 and cfg.mode != "fixed")
 
@@ -404,6 +421,8 @@ def val_loader(items: list[tuple[Path, int]], decode, transform, cfg, rt):
     ranks, every image counts once."""
     import torch
 
+    workers = worker_count(cfg, rt)
     return torch.utils.data.DataLoader(ImageDataset(rt.shard(items), decode, transform),
-                                       batch_size=cfg.eval_batch_size, shuffle=False,
-                                       num_workers=worker_count(cfg, rt), pin_memory=rt.device.type == "cuda")
+                                       batch_size=cfg.eval_batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=rt.device.type == "cuda",
+                                       multiprocessing_context=_worker_context(workers))

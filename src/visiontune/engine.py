@@ -106,7 +106,8 @@ def train_one_epoch(
     without BatchNorm, whose statistics see B samples at a time), also for a
     short last group.
     A non-finite loss raises `NonFiniteLoss` before the step that would spread
-    it into the weights (one scalar check per batch: free on a CPU). After each
+    it into the weights (one scalar check per batch: free on a CPU), on every
+    rank at once when `reduce` sums over ranks. After each
     step `should_stop()` is asked whether to end the epoch early (Ctrl-C).
     `on_step(loss)`, when given, sees each optimizer step's mean per-sample loss
     before the step is taken (lr-find records its curve with it; fastai's
@@ -165,7 +166,11 @@ def train_one_epoch(
                     objective = losses.sum()  # divided by the group's sample count in step()
                 else:
                     objective = losses.mean()
-                if not torch.isfinite(objective):
+                # Every rank asks the same question at the same step (`reduce` sums over ranks), so a
+                # NaN on one rank stops all of them here instead of leaving the others waiting in the
+                # next gradient exchange.
+                non_finite = reduce((~torch.isfinite(objective.detach())).double().reshape(1))
+                if non_finite.item() > 0:
                     raise NonFiniteLoss(index, float(objective.detach()))
                 (scaler.scale(objective) if scaler is not None else objective).backward()
             pending += labels.shape[0]

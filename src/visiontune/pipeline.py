@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -156,7 +157,7 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
     progress = progress_bar(not cfg.quiet and rt.is_main)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     decode = DecodeCache(pre.resize, pre.interpolation, cache_dir, int(cfg.decode_cache_gb * (1 << 30))) \
-        if cfg.decode_cache_gb > 0 else (lambda p: decode_array(p, pre.resize, pre.interpolation))
+        if cfg.decode_cache_gb > 0 else partial(decode_array, short_side=pre.resize, interpolation=pre.interpolation)
     # Every image is decoded once before the first epoch, so a bad file can never stop training mid-epoch.
     paths = [p for split in screen_splits for p, _ in splits.samples.get(split, [])]
     excluded = screen_images(decode, paths, progress, rt)

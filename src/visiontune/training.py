@@ -79,6 +79,12 @@ class Interrupted(VisiontuneError):
     exit_code = 130
 
 
+class Diverged(VisiontuneError):
+    """The loss became NaN or infinite; raised on every rank at the same step, said once (rank 0)."""
+
+    same_on_every_rank = True
+
+
 @dataclass
 class LoopState:
     """What the loop changes as it runs, as plain data: with the model, optimizer and RNG states it is
@@ -94,17 +100,27 @@ class LoopState:
     finished: bool = False
     best_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     """The best epoch's weights in memory (on disk: best.safetensors); not in last.ckpt."""
+    started: float = field(default_factory=time.perf_counter)
+    """perf_counter() at the run's start, moved back on resume by the seconds already spent, so that
+    --mode auto's budget and the run's wall time count every process that worked on the run."""
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
     def to_checkpoint(self, model: nn.Module, stage: Stage | None, generator: torch.Generator) -> dict:
         return {"format_version": checkpoint.FORMAT_VERSION, "epoch": self.epoch, "model": model.state_dict(),
                 "stage": stage.name if stage else None, "optimizer": stage.optimizer.state_dict() if stage else None,
+                # fp16's loss scale: a resumed run must not start again from 65536 and skip steps.
+                "scaler": stage.scaler.state_dict() if stage is not None and stage.scaler is not None else None,
                 "rng": checkpoint.rng_state(generator), "metrics": self.metrics, "plan": self.plan,
-                "finished": self.finished, "best": self.best}
+                "finished": self.finished, "best": self.best, "seconds": self.seconds}
 
     @classmethod
     def from_checkpoint(cls, state: dict) -> "LoopState":
         return cls(epoch=state["epoch"], metrics=list(state["metrics"]), plan=dict(state.get("plan") or {}),
-                   best=tuple(state["best"]) if state["best"] is not None else None)
+                   best=tuple(state["best"]) if state["best"] is not None else None,
+                   started=time.perf_counter() - float(state.get("seconds", 0.0)))
 
 
 def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
@@ -112,7 +128,7 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
     started = time.perf_counter()
     s = build_setup(cfg, runtime.start(cfg.device, cfg.precision, cfg.deterministic))
     folder = _open_run_folder(s, resuming=resume_state is not None)
-    loop = _restore(s, folder, resume_state) if resume_state is not None else LoopState()
+    loop = _restore(s, folder, resume_state) if resume_state is not None else LoopState(started=started)
     if s.rt.is_main:
         folder.write_metrics(loop.metrics)  # on resume: drops any row of an epoch that did not finish
     stage = None
@@ -123,7 +139,7 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
         for name, epochs in _stage_specs(s.cfg):
             if name == "full" and s.cfg.mode == "auto":
                 if "full_epochs" not in loop.plan:
-                    loop.plan = _plan_auto(s, folder, loop, started)
+                    loop.plan = _plan_auto(s, folder, loop)
                     _save_last(s, folder, loop, stage)
                 epochs = loop.plan["full_epochs"]
             if epochs > 0 and loop.epoch < offset + epochs:
@@ -134,7 +150,7 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
     loop.finished = True
     _save_last(s, folder, loop, stage)
     s.rt.barrier()  # no rank leaves before rank 0 has written the run's last file
-    return _finish(s, folder, loop, started)
+    return _finish(s, folder, loop)
 
 
 def _open_run_folder(s: Setup, resuming: bool) -> RunFolder:
@@ -181,6 +197,8 @@ def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: 
     stage = head_stage(s, epochs, lr) if name == "head" else full_stage(s, epochs)
     if resume_state is not None and resume_state.get("stage") == name and loop.epoch > offset:
         stage.optimizer.load_state_dict(resume_state["optimizer"])
+        if stage.scaler is not None and resume_state.get("scaler") is not None:
+            stage.scaler.load_state_dict(resume_state["scaler"])
         stage.fast_forward(loop.epoch - offset, cfg)
     class_weights = class_weights_for(s)
     for epoch in range(loop.epoch + 1, offset + epochs + 1):
@@ -207,7 +225,7 @@ def _epoch_row(s: Setup, folder: RunFolder, stage: Stage, epoch: int, offset: in
             device=rt.device, mix=stage.mix, autocast=rt.autocast, scaler=stage.scaler,
             no_sync=getattr(stage.trainable, "no_sync", None), reduce=reduce)
     except NonFiniteLoss as exc:
-        raise VisiontuneError(
+        raise Diverged(
             f"training stopped: the loss became {exc.value} at epoch {epoch}, step {exc.step}; likely a learning "
             f"rate too high (--lr {stage.lr}) or bad input; the last good state is {folder.last_checkpoint_file} "
             f"(epoch {epoch - 1}).") from None
@@ -242,7 +260,7 @@ def _record(s: Setup, folder: RunFolder, loop: LoopState, row: dict) -> None:
                                                  "val_acc": row["val_acc"], "val_loss": row["val_loss"]})
 
 
-def _finish(s: Setup, folder: RunFolder, loop: LoopState, started: float) -> Run:
+def _finish(s: Setup, folder: RunFolder, loop: LoopState) -> Run:
     """The run's result is the best epoch's weights, not the last epoch's."""
     s.model.load_state_dict(loop.best_weights)
     s.model.eval()
@@ -250,7 +268,7 @@ def _finish(s: Setup, folder: RunFolder, loop: LoopState, started: float) -> Run
     _say(s, f"best epoch {best_epoch}: val acc {best_acc:.4f} (val loss {best_loss:.4f}); run folder {folder}")
     return Run(path=folder.path, config=s.cfg, classes=s.classes, metrics=loop.metrics, best_epoch=best_epoch,
                best_val_acc=best_acc, best_val_loss=best_loss, model=s.model,
-               seconds=time.perf_counter() - started, decision=loop.plan.get("decision"))
+               seconds=loop.seconds, decision=loop.plan.get("decision"))
 
 
 def _say(s: Setup, message: str) -> None:
@@ -303,7 +321,7 @@ def _report_cross_split_duplicates(s: Setup, folder: RunFolder) -> None:
           f"them as already seen; listed in {folder.duplicates_file} (remove one copy of each)", file=sys.stderr)
 
 
-def _plan_auto(s: Setup, folder: RunFolder, loop: LoopState, started: float) -> dict:
+def _plan_auto(s: Setup, folder: RunFolder, loop: LoopState) -> dict:
     """After the head stage: how many fine-tuning epochs fit the rest of the budget, and are they worth it.
 
     One fine-tuning epoch is estimated from timed steps of a copy of the model on a synthetic batch
@@ -318,7 +336,7 @@ def _plan_auto(s: Setup, folder: RunFolder, loop: LoopState, started: float) -> 
     val_batches = math.ceil(math.ceil(len(s.val_items) / rt.world_size) / cfg.eval_batch_size)
     step_s, val_batch_s, fold_s = _time_fine_tune_step(s)
     epoch_s = 1.1 * (steps_per_epoch * cfg.accumulate * step_s + val_batches * val_batch_s + fold_s) + 0.5
-    elapsed = time.perf_counter() - started
+    elapsed = loop.seconds  # over every process of the run: a resumed run keeps its budget
     left = budget - elapsed - 3.0  # loading the best weights and writing the last files
     fits = max(0, min(cfg.epochs, int(left // epoch_s)))
     if head_acc >= 1.0:

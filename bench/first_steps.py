@@ -1,0 +1,57 @@
+"""The first fine-tuning steps after the linear probe, step by step: where does accuracy go?
+
+Builds one run's setup (data, model, probe) and then, for each variant, starts again from the probe
+and takes N steps of the full stage that `visiontune train` would build, with the variant's settings
+at a constant learning rate; prints the per-step training losses (engine's `on_step` hook) and val
+accuracy after the steps. docs/recipes.md has its table for eurosat10.
+
+usage: python bench/first_steps.py DATA VARIANT [VARIANT ...]
+  VARIANT: comma-separated key=value, keys: bn (train|frozen), lr, opt (sgd|adamw), steps, warm,
+           size (train crop), aug, decay (layer-wise lr decay), wd; e.g. bn=frozen,lr=1e-4,opt=adamw,steps=50
+  SIZE=N in the environment sets the eval size (and so the probe's features).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from dataclasses import replace
+
+from visiontune import runtime
+from visiontune.config import TrainConfig
+from visiontune.engine import evaluate, train_one_epoch
+from visiontune.pipeline import build_setup, full_stage, image_val_batches
+from visiontune.training import probe_row
+
+
+def main() -> int:
+    data, variants = sys.argv[1], sys.argv[2:]
+    cfg = TrainConfig(data=data, quiet=True, image_size=int(os.environ.get("SIZE", 0)) or None).resolved()
+    s = build_setup(cfg, runtime.start("cpu", "fp32", False))
+    print("probe val acc", probe_row(s)["val_acc"], flush=True)
+    probe_state = copy.deepcopy(s.model.state_dict())
+    for variant in variants:
+        kv = dict(item.split("=") for item in variant.split(","))
+        s.model.load_state_dict(probe_state)
+        c = replace(s.cfg, bn=kv.get("bn", "train"), lr=float(kv.get("lr", 0.003)), optimizer=kv.get("opt", "sgd"),
+                    warmup_epochs=float(kv.get("warm", 0)), schedule="constant",
+                    train_size=int(kv.get("size", s.cfg.train_size)), augment=kv.get("aug", "light"),
+                    lr_decay=float(kv["decay"]) if "decay" in kv else None, weight_decay=float(kv.get("wd", 1e-4)))
+        stage = full_stage(replace(s, cfg=c), 3)
+        batches = iter(stage.train_batches)
+        taken = [next(batches) for _ in range(int(kv.get("steps", 20)))]
+        losses: list[float] = []
+        start = time.time()
+        trained = train_one_epoch(stage.trainable, taken, stage.optimizer, prepare=stage.prepare,
+                                  scheduler=stage.scheduler, frozen=stage.frozen,
+                                  on_step=lambda loss: losses.append(round(float(loss), 3)))
+        val = evaluate(s.model, image_val_batches(s), prepare=s.prepare)
+        print(f"{variant}: step losses {losses[:5]} ... {losses[-5:]}; train acc {trained.accuracy:.3f}; "
+              f"val acc {val.accuracy:.4f} loss {val.loss:.3f}; {time.time() - start:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
