@@ -146,7 +146,7 @@ def test_auto_plans_fine_tuning_epochs_from_measured_times(tiny_data, tiny_setti
     plan = json.loads((run.path / "auto.json").read_text())
     assert plan["estimated_epoch_seconds"] == pytest.approx(0.83)
     assert plan["full_epochs"] == 3 and run.decision.startswith("auto: fine-tuning every layer for 3 epoch(s)")
-    assert [r["stage"] for r in read_metrics(run.path)] == ["head"] * 10 + ["full"] * 3
+    assert [r["stage"] for r in read_metrics(run.path)] == ["head"] * 25 + ["full"] * 3
 
 
 def test_auto_keeps_the_head_when_the_budget_is_spent(tiny_data, tiny_settings, tmp_path, monkeypatch):
@@ -215,3 +215,13 @@ def test_the_fp16_loss_scale_is_part_of_the_checkpoint():
     state = training.LoopState().to_checkpoint(torch.nn.Linear(1, 1), stage, torch.Generator())
     assert state["scaler"]["scale"] == 1024.0
     assert training.LoopState().to_checkpoint(torch.nn.Linear(1, 1), None, torch.Generator())["scaler"] is None
+
+
+def test_the_head_stage_of_staged_and_auto_is_fixed_mode(tiny_data, tiny_settings, tmp_path):
+    # Same seed: the head stage's rows are fixed mode's rows, so auto's best is never below fixed's.
+    fixed = visiontune.train(tiny_data, mode="fixed", out=str(tmp_path / "fixed"), **{**tiny_settings, "epochs": 25})
+    staged = visiontune.train(tiny_data, mode="staged", out=str(tmp_path / "staged"), **{**tiny_settings, "epochs": 1})
+    head_rows = [r for r in read_metrics(staged.path) if r["stage"] == "head"]
+    assert len(head_rows) == 25
+    assert [r["val_acc"] for r in head_rows] == [r["val_acc"] for r in read_metrics(fixed.path)]
+    assert staged.best_val_acc >= fixed.best_val_acc

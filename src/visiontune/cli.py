@@ -25,7 +25,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--model", default=TrainConfig.model, help="backbone (see `visiontune models`)")
     p.add_argument("--weights", help="backbone weights file (.safetensors or state dict)")
     p.add_argument("--epochs", type=int, help="default: 3 (finetune, staged; at most 3 for auto), 25 (fixed)")
-    p.add_argument("--head-epochs", type=int, help="staged/auto: head-only epochs first (default 10)")
+    p.add_argument("--head-epochs", type=int, help="staged/auto: head-only epochs first, fixed mode's head recipe (default 25)")
     p.add_argument("--head-lr", type=float, help="staged/auto: learning rate of the head-only epochs (default 0.01)")
     p.add_argument("--budget", help="auto: wall-clock budget for the run, e.g. 90s, 5m, 1h (default 5m)")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)

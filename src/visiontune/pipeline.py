@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import backbones, checkpoint
-from .config import TrainConfig
+from .config import MODE_DEFAULTS, TrainConfig
 from .data import Splits, discover, train_loader, val_loader
 from .errors import DataError, UsageError
 from .features import FeatureBatches, FeatureCache, extract_features
@@ -260,7 +260,10 @@ def head_stage(s: Setup, epochs: int, lr: float) -> Stage:
     cfg = s.cfg
     model, classifier = s.model, s.model.get_classifier()
     frozen = freeze_for_mode(cfg, model, "head")
-    stage_cfg = replace(cfg, lr=lr, lr_decay=None)
+    # staged/auto: the head stage is fixed mode's head recipe (its optimizer; --optimizer is the full
+    # stage's), so that its best epoch is what --mode fixed gives and auto is never below it.
+    head_optimizer = cfg.optimizer if cfg.mode == "fixed" else MODE_DEFAULTS["fixed"]["optimizer"]
+    stage_cfg = replace(cfg, lr=lr, lr_decay=None, optimizer=head_optimizer)
     optimizer = make_optimizer(stage_cfg, [(n, p) for n, p in classifier.named_parameters()])
     if cfg.feature_cache or cfg.mode != "fixed":
         views = cfg.views if cfg.mode == "fixed" else 1
