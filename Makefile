@@ -20,6 +20,7 @@ train: setup
 	$(BIN)/visiontune train hymenoptera
 
 test: setup
+	./tools/ensure-chromium.sh
 	$(BIN)/python -m pytest -q
 
 # For bench/gpu_check.sh on the device machine (Python 3.12, no registry): the weights package it lacks.

@@ -92,3 +92,11 @@ def tiny_settings(tiny_weights: Path, tmp_path: Path) -> dict:
     return {"model": "test_efficientnet", "weights": str(tiny_weights), "image_size": 48, "train_size": 48,
             "batch_size": 4, "epochs": 2, "cache_dir": str(tmp_path / "cache"), "quiet": True,
             "channels_last": False}
+
+
+@pytest.fixture
+def tiny_run(tiny_data, tiny_settings, tmp_path):
+    """A finished 3-epoch run of the tiny backbone on tiny_data (6 val images)."""
+    import visiontune
+
+    return visiontune.train(tiny_data, out=str(tmp_path / "run"), **{**tiny_settings, "epochs": 3})

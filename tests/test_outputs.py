@@ -49,11 +49,6 @@ def test_confusion_and_per_class_report():
 # --- a tiny run -----------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_run(tiny_data, tiny_settings, tmp_path):
-    return visiontune.train(tiny_data, out=str(tmp_path / "run"), **{**tiny_settings, "epochs": 3})
-
-
 def test_eval_json_matches_best_epoch(tiny_run, capsys):
     code, out, _ = run_cli(["eval", str(tiny_run.path), "--format", "json"], capsys)
     assert code == 0
@@ -120,7 +115,7 @@ def test_predict_reports_unreadable_files_and_classifies_the_rest(tiny_run, tiny
     assert set(by_name) == {"good.png", "broken.jpg", "deeper.png", "nothing*.png"}
     assert "error" in by_name["broken.jpg"] and "error" in by_name["nothing*.png"]
     good = by_name["good.png"]
-    assert set(good) == {"path", "label", "score", "probs"}
+    assert set(good) == {"path", "label", "score", "top_k", "probs"}
     assert sum(good["probs"].values()) == pytest.approx(1.0, abs=1e-5)
     assert good["score"] == max(good["probs"].values())
     assert err.count("cannot classify") == 2
@@ -135,6 +130,57 @@ def test_python_load_predict(tiny_run, tiny_data):
     model = visiontune.load(tiny_run.path)
     results = model.predict(sorted((tiny_data / "val" / "ants").glob("*.png")))
     assert len(results) == 3 and all(r["label"] in ("ants", "bees") for r in results)
+    assert all(len(r["top_k"]) == 2 for r in results)  # top_k default (3) = the CLI's, capped by 2 classes
+
+
+def test_predict_from_memory_matches_the_file(tiny_run, tiny_data, tmp_path):
+    """The same image as a path, bytes, a file object, a PIL image and an HWC uint8 array."""
+    from PIL import Image
+
+    model = visiontune.load(tiny_run.path)
+    for path in (tiny_data / "val" / "ants" / "ants_v0.png", tmp_path / "small.jpg"):
+        if path.suffix == ".jpg":  # a JPEG too small for draft mode: decoded alike in every form
+            Image.open(tiny_data / "val" / "bees" / "bees_v1.png").convert("RGB").save(path, quality=90)
+        data = path.read_bytes()
+        reference = model.predict(path)
+        assert reference["path"] == str(path) and set(reference) == {"path", "label", "score", "probs", "top_k"}
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))
+            forms = [str(path), data, bytearray(data), open(path, "rb"), image, array, Image.fromarray(array)]
+            results = model.predict(forms)
+        for result in results:
+            for c in reference["probs"]:
+                assert abs(result["probs"][c] - reference["probs"][c]) <= 1e-6
+        assert results[1]["input"] == f"<{len(data)} bytes>" and "path" not in results[1]
+        assert results[5]["input"].startswith("<array 32x40x3 uint8")
+    # A batch of arrays (N, H, W, 3) is a list; a single array is one result.
+    batch = model.predict(np.stack([array, array]))
+    assert isinstance(batch, list) and len(batch) == 2 and batch[0]["probs"] == batch[1]["probs"]
+    bad = model.predict([b"", np.zeros((4, 4), dtype=np.float32), b"GIF89a broken"])
+    assert [r["error"].split(":")[0] for r in bad] == ["cannot read image"] * 3
+    assert "empty" in bad[0]["error"] and "uint8" in bad[1]["error"]
+
+
+def test_predict_tta_device_and_jsonl_top_k(tiny_run, tiny_data, capsys):
+    import torch
+
+    paths = sorted((tiny_data / "val").rglob("*.png"))
+    code, out, _ = run_cli(["predict", str(tiny_run.path), *map(str, paths), "--format", "jsonl", "--tta",
+                            "--device", "cpu", "--top-k", "1"], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert all(r["top_k"] == [{"label": r["label"], "score": r["score"]}] for r in rows)
+    # --tta averages each image's probabilities with its mirror image's.
+    model, _ = visiontune.runfolder.RunFolder(tiny_run.path).load_model()
+    plain = visiontune.load(tiny_run.path)
+    x = torch.from_numpy(np.stack([plain.preprocess(p) for p in paths]))
+    with torch.inference_mode():
+        expected = (torch.softmax(model(x), 1) + torch.softmax(model(torch.flip(x, dims=[3])), 1)) / 2
+    for row, p in zip(rows, expected.numpy()):
+        assert row["probs"]["ants"] == pytest.approx(float(p[0]), abs=1e-6)
+    assert any(abs(r["probs"]["ants"] - q["probs"]["ants"]) > 1e-6 for r, q in zip(rows, plain.predict(paths)))
+    code, _, err = run_cli(["predict", str(tiny_run.path), str(paths[0]), "--device", "cuda:7"], capsys)
+    assert code == 2 and "--device cuda:7" in err
 
 
 @pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
@@ -181,6 +227,22 @@ def test_report_is_self_contained(tiny_run, capsys):
     assert sources and all(s.startswith("data:") for s in sources)
     assert "Training curves" in page and "confusion matrix" in page and "Mistakes" in page
     assert page.count("<figure") == 6  # every val image is either a mistake or a correct one
+
+
+def test_report_shows_a_heatmap_beside_each_mistake(tiny_data, tiny_settings, tmp_path, capsys):
+    # Val "ants" drawn in the bees' colour: mistakes the model is sure to make.
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        make_image(tiny_data / "val" / "ants" / f"ants_v{i}.png", 1, rng)
+    run = visiontune.train(tiny_data, out=str(tmp_path / "run"), **{**tiny_settings, "epochs": 3})
+    code, out, _ = run_cli(["report", str(run.path)], capsys)
+    assert code == 0
+    page = Path(out.strip()).read_text()
+    wrong = page.count("<figure class='wrong pair'>")
+    mistakes = run_cli(["eval", str(run.path), "--format", "json"], capsys)[1]
+    assert wrong == 6 - json.loads(mistakes)["correct"] and wrong >= 3
+    assert page.count("class='heatmap'") == wrong  # one per mistake, none beside the correct ones
+    assert page.count("<figure class='right'>") == 6 - wrong
 
 
 # --- acceptance on hymenoptera ---------------------------------------------------

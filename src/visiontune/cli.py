@@ -7,8 +7,8 @@ import csv
 import json
 import sys
 
-from .config import (AUGMENTS, BN_POLICIES, CLASS_WEIGHTS, HEAD_INITS, MODES, OPTIMIZERS, PRECISIONS, SAMPLERS,
-                     SCHEDULES, TrainConfig)
+from .config import (AUGMENTS, BN_POLICIES, CLASS_WEIGHTS, DEFAULT_TOP_K, EXPLAIN_METHODS, HEAD_INITS, MODES,
+                     OPTIMIZERS, PRECISIONS, SAMPLERS, SCHEDULES, TrainConfig)
 from . import __version__
 from .errors import DataError, UsageError, VisiontuneError
 
@@ -146,7 +146,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .predict import expand_inputs, load
 
-    predictor = load(args.model)
+    predictor = load(args.model, device=args.device, tta=args.tta)
     paths, missing = expand_inputs(args.paths)
     results = predictor.predict(paths, batch_size=args.batch_size, top_k=args.top_k) + missing
     failed = [r for r in results if "error" in r]
@@ -156,7 +156,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     try:
         if args.format == "jsonl":
             for r in results:
-                row = {k: r[k] for k in ("path", "label", "score", "probs") if k in r}
+                row = {k: r[k] for k in ("path", "label", "score", "top_k", "probs") if k in r}
                 if "error" in r:
                     row["error"] = r["error"]
                 out.write(json.dumps(row) + "\n")
@@ -164,7 +164,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             writer = csv.writer(out)
             writer.writerow(["path", "label", "score"] + [f"top{i + 1}" for i in range(args.top_k)] + ["error"])
             for r in results:
-                tops = [f"{c}:{p:.4f}" for c, p in r.get("top_k", [])]
+                tops = [f"{t['label']}:{t['score']:.4f}" for t in r.get("top_k", [])]
                 tops += [""] * (args.top_k - len(tops))
                 writer.writerow([r["path"], r.get("label", ""), f"{r['score']:.6f}" if "score" in r else ""]
                                 + tops + [r.get("error", "")])
@@ -173,12 +173,34 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 if "error" in r:
                     out.write(f"{r['path']}  ERROR {r['error']}\n")
                 else:
-                    tops = "  ".join(f"{c} {p:.3f}" for c, p in r["top_k"])
+                    tops = "  ".join(f"{t['label']} {t['score']:.3f}" for t in r["top_k"])
                     out.write(f"{r['path']}  {tops}\n")
     finally:
         if out is not sys.stdout:
             out.close()
     return 1 if failed else 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_images
+
+    log, rows = explain_images(args.run, args.paths, args.out, class_name=args.class_name, method=args.method,
+                               device=args.device)
+    for r in rows:
+        if "error" in r:
+            print(f"visiontune: cannot explain {r['path']}: {r['error']}", file=sys.stderr)
+        else:
+            print(f"{r['path']}  {r['label']} {r['score']:.3f}  heatmap of {r['explained_class']}: {r['heatmap']}")
+    print(f"wrote {log}")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, device=args.device, tta=args.tta, top_k=args.top_k,
+          batch_window_ms=args.batch_window_ms, max_batch=args.max_batch, max_upload_mb=args.max_upload_mb)
+    return 0
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
@@ -249,10 +271,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="classify images with a run folder or an exported model")
     p.add_argument("model", metavar="RUN_OR_ARTIFACT")
     p.add_argument("paths", metavar="PATH", nargs="+", help="files, folders (recursive) or globs")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     p.add_argument("--format", choices=["table", "csv", "jsonl"], default="table")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--output", help="write results to this file instead of stdout")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+
+    p = sub.add_parser("explain", help="heatmaps of what each prediction looked at (Grad-CAM), one PNG per image")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("paths", metavar="PATH", nargs="+", help="files, folders (recursive) or globs")
+    p.add_argument("--out", required=True, help="folder for the heatmaps and explanations.jsonl")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="show the evidence for this class instead of the predicted one")
+    p.add_argument("--method", choices=EXPLAIN_METHODS, default="gradcam")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+
+    p = sub.add_parser("serve", help="HTTP server: POST /predict, a web page at /, GET /health and /model")
+    p.add_argument("model", metavar="RUN_OR_ONNX", help="a run folder, or an exported .onnx file (served without torch)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="wait this long for more requests to batch together (0: no batching)")
+    p.add_argument("--max-batch", type=int, default=32, help="most images in one batch")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body accepted, in MB")
 
     p = sub.add_parser("export", help="export a run to ONNX or TorchScript, checked against PyTorch")
     p.add_argument("run", metavar="RUN")
@@ -262,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"train": _cmd_train, "models": _cmd_models, "datasets": _cmd_datasets, "eval": _cmd_eval,
-            "report": _cmd_report, "doctor": _cmd_doctor, "lr-find": _cmd_lr_find, "predict": _cmd_predict, "export": _cmd_export}
+            "report": _cmd_report, "doctor": _cmd_doctor, "lr-find": _cmd_lr_find, "predict": _cmd_predict,
+            "explain": _cmd_explain, "serve": _cmd_serve, "export": _cmd_export}
 
 
 def _print_error(exc: VisiontuneError) -> None:

@@ -17,6 +17,8 @@ CLASS_WEIGHTS = ("none", "auto")
 HEAD_INITS = ("probe", "random")
 BN_POLICIES = ("frozen", "train")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+EXPLAIN_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam")  # grad-cam's CAM variants offered
+DEFAULT_TOP_K = 3  # classes listed per image by predict, the Python API and the server
 # --augment strong turns these on: light mixup, full cutmix (timm's ImageNet recipes use cutmix 1.0).
 STRONG_MIXUP, STRONG_CUTMIX = 0.2, 1.0
 

@@ -11,6 +11,7 @@ and normalise.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -47,24 +48,50 @@ def resized_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
     return int(short_side * width / height), short_side
 
 
-def decode_rgb(path: str | Path, short_side: int | None = None, interpolation: str = "bicubic") -> Image.Image:
-    """Open `path`, apply EXIF orientation, convert to RGB, optionally resize the shorter side."""
+def open_image(source) -> tuple[Image.Image, bool]:
+    """A path, encoded bytes, a binary file object, a PIL image or an HWC uint8 array -> (image, owned).
+
+    `owned` is False for a PIL image the caller passed in: it is neither closed nor changed here.
+    """
+    if isinstance(source, Image.Image):
+        return source, False
+    if isinstance(source, np.ndarray):
+        if source.dtype != np.uint8 or not (source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (1, 3, 4))):
+            raise ValueError(f"an array image must be uint8 HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA); got "
+                             f"{source.dtype} {'x'.join(map(str, source.shape))}")
+        array = source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source
+        return Image.fromarray(np.ascontiguousarray(array)), True
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not len(source):
+            raise ValueError("the image is empty (0 bytes)")
+        source = io.BytesIO(bytes(source))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked just below
-        image = Image.open(path)
-    with image:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked by the caller, from the header
+        try:
+            return Image.open(source), True
+        except Image.UnidentifiedImageError:
+            raise ValueError("not an image Pillow can read (JPEG, PNG, WebP, BMP, GIF, TIFF, ...)") from None
+
+
+def decode_rgb(source, short_side: int | None = None, interpolation: str = "bicubic") -> Image.Image:
+    """Open `source` (see open_image), apply EXIF orientation, convert to RGB, optionally resize the
+    shorter side. A path and its bytes decode identically; an already decoded PIL image or array
+    skips JPEG draft mode, so a large JPEG given that way differs from its file by a few levels."""
+    image, owned = open_image(source)
+    try:
         w, h = image.size
         if w * h > MAX_PIXELS:  # checked from the header, before any pixel is allocated
             raise ValueError(f"decompression bomb: {w}x{h} pixels is over the {MAX_PIXELS:,} limit; refused")
-        if short_side is not None and image.format == "JPEG":
+        if owned and short_side is not None and image.format == "JPEG":
             # Ask libjpeg for the smallest DCT scale that keeps both sides at or
             # above the target; EXIF rotation may swap sides, so use the short one.
-            w, h = image.size
             scale = short_side / min(w, h)
             image.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
         image.load()
-        image = ImageOps.exif_transpose(image)
-        rgb = _to_rgb(image)
+        rgb = _to_rgb(ImageOps.exif_transpose(image))
+    finally:
+        if owned:
+            image.close()
     if short_side is not None:
         size = resized_shape(*rgb.size, short_side)
         if size != rgb.size:
@@ -72,9 +99,9 @@ def decode_rgb(path: str | Path, short_side: int | None = None, interpolation: s
     return rgb
 
 
-def decode_array(path: str | Path, short_side: int, interpolation: str = "bicubic") -> np.ndarray:
+def decode_array(source, short_side: int, interpolation: str = "bicubic") -> np.ndarray:
     """HWC uint8 RGB array, shorter side = short_side."""
-    return np.asarray(decode_rgb(path, short_side, interpolation), dtype=np.uint8)
+    return np.asarray(decode_rgb(source, short_side, interpolation), dtype=np.uint8)
 
 
 def file_identity(path: str | Path) -> str:
@@ -149,9 +176,14 @@ def center_crop_array(array: np.ndarray, size: int) -> np.ndarray:
     return array[top : top + size, left : left + size]
 
 
-def eval_input(path: str | Path, pre: dict) -> np.ndarray:
+def eval_crop(source, pre: dict) -> np.ndarray:
+    """What the model sees, before normalisation: the resized, center-cropped uint8 HWC image."""
+    return center_crop_array(decode_array(source, pre["resize"], pre["interpolation"]), pre["size"])
+
+
+def eval_input(source, pre: dict) -> np.ndarray:
     """The eval preprocessing without torch: decode, resize, center crop, normalise -> float32 CHW."""
-    crop = center_crop_array(decode_array(path, pre["resize"], pre["interpolation"]), pre["size"])
+    crop = eval_crop(source, pre)
     mean = np.asarray(pre["mean"], dtype=np.float32) * 255.0
     std = np.asarray(pre["std"], dtype=np.float32) * 255.0
     return ((crop.astype(np.float32) - mean) / std).transpose(2, 0, 1)

@@ -11,16 +11,44 @@ from __future__ import annotations
 import glob
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .config import DEFAULT_TOP_K
 from .data import is_image_file
 from .errors import UsageError
 from .images import eval_input
 
 META_KEY = "visiontune"
+
+
+def describe_input(item) -> str:
+    """How a result names its input: the path, or what kind of in-memory image it was."""
+    if isinstance(item, (str, Path)):
+        return str(item)
+    if isinstance(item, np.ndarray):
+        return f"<array {'x'.join(map(str, item.shape))} {item.dtype}>"
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"<{len(item)} bytes>"
+    size = getattr(item, "size", None)
+    if isinstance(size, tuple):
+        return f"<PIL image {item.mode} {size[0]}x{size[1]}>"
+    return f"<{type(item).__name__}>"
+
+
+def _is_single(inputs) -> bool:
+    from PIL import Image
+
+    if isinstance(inputs, np.ndarray):
+        return inputs.ndim <= 3  # a 4-D array is a batch of HWC images
+    return isinstance(inputs, (str, Path, bytes, bytearray, memoryview, Image.Image)) or hasattr(inputs, "read")
+
+
+def top_k_list(classes: list[str], probs: np.ndarray, k: int) -> list[dict]:
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": classes[int(i)], "score": float(probs[i])} for i in order]
 
 
 @dataclass
@@ -29,50 +57,95 @@ class Predictor:
     preprocessing: dict
     backend: object  # callable: float32 NCHW array -> probabilities array
     source: str
+    meta: dict = field(default_factory=dict)  # model.json of a run, the metadata of an exported file
+    tta: bool = False  # average each image's probabilities with its mirror image's
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.backend(batch)
+    def probabilities(self, batch: np.ndarray, tta: bool | None = None) -> np.ndarray:
+        """Normalised NCHW float32 -> class probabilities (N, classes)."""
+        probs = self.backend(batch)
+        if self.tta if tta is None else tta:
+            probs = (probs + self.backend(np.ascontiguousarray(batch[..., ::-1]))) / 2
+        return probs
 
-    def predict(self, inputs, batch_size: int = 64, top_k: int = 1) -> list[dict]:
-        """One result per input path: {path, label, score, probs, top_k} or {path, error}."""
-        results: list[dict | None] = [None] * len(inputs)
+    def preprocess(self, item) -> np.ndarray:
+        """One image (path, bytes, file object, PIL image, HWC uint8 array) -> normalised CHW float32."""
+        return eval_input(item, self.preprocessing)
+
+    def predict(self, inputs, batch_size: int = 64, top_k: int = DEFAULT_TOP_K, tta: bool | None = None):
+        """Classify one image or a list of them: paths, bytes, file objects, PIL images or HWC uint8 arrays.
+
+        One input gives one dict, a list gives a list: {path or input, label, score, probs, top_k}, or
+        {path or input, error} for an image that cannot be read (the others are still classified).
+        """
+        single = _is_single(inputs)
+        items = [inputs] if single else list(inputs)
+        results: list[dict | None] = [None] * len(items)
+        names = [describe_input(item) for item in items]
+        key = ["path" if isinstance(item, (str, Path)) else "input" for item in items]
         ready: list[tuple[int, np.ndarray]] = []
-        for index, item in enumerate(inputs):
+        for index, item in enumerate(items):
             try:
-                ready.append((index, eval_input(item, self.preprocessing)))
-            except Exception as exc:  # any unreadable file: reported, the rest still classified
-                results[index] = {"path": str(item), "error": f"cannot read image: {exc}".splitlines()[0]}
+                ready.append((index, self.preprocess(item)))
+            except Exception as exc:  # any unreadable image: reported, the rest still classified
+                results[index] = {key[index]: names[index], "error": f"cannot read image: {exc}".splitlines()[0]}
         for start in range(0, len(ready), batch_size):
             chunk = ready[start : start + batch_size]
-            probs = self.probabilities(np.stack([x for _, x in chunk]).astype(np.float32))
+            probs = self.probabilities(np.stack([x for _, x in chunk]).astype(np.float32), tta)
             for (index, _), p in zip(chunk, probs):
-                order = np.argsort(-p, kind="stable")
+                best = int(np.argmax(p))
                 results[index] = {
-                    "path": str(inputs[index]),
-                    "label": self.classes[int(order[0])],
-                    "score": float(p[order[0]]),
+                    key[index]: names[index],
+                    "label": self.classes[best],
+                    "score": float(p[best]),
                     "probs": {c: float(v) for c, v in zip(self.classes, p)},
-                    "top_k": [(self.classes[int(i)], float(p[i])) for i in order[:top_k]],
+                    "top_k": top_k_list(self.classes, p, top_k),
                 }
-        return results
+        return results[0] if single else results
 
 
-def _torch_backend(model):
+def _torch_backend(model, device: str = "auto"):
     import torch
+
+    from .runtime import resolve_device
+
+    target = resolve_device(device)
+    model = model.to(target).eval()
 
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return torch.softmax(model(torch.from_numpy(batch)).float(), dim=1).numpy()
+            return torch.softmax(model(torch.from_numpy(batch).to(target)).float(), dim=1).cpu().numpy()
 
     return run
 
 
-def _onnx_backend(path: Path):
+def _onnx_providers(device: str) -> list[str]:
+    """--device for onnxruntime, without torch: cpu, or cuda when onnxruntime has its CUDA provider."""
+    import onnxruntime as ort
+
+    flag = (device or "auto").strip().lower()
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if flag == "cpu" or (flag == "auto" and not has_cuda):
+        return ["CPUExecutionProvider"]
+    if flag in ("auto", "cuda") or flag.startswith("cuda:"):
+        if not has_cuda:
+            raise UsageError(f"--device {device}: this onnxruntime has no CUDA provider (install onnxruntime-gpu), "
+                             "or use --device cpu.")
+        index = int(flag.split(":", 1)[1]) if ":" in flag and flag.split(":", 1)[1].isdigit() else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    raise UsageError(f"--device {device}: is not one of auto, cpu, cuda, cuda:N.")
+
+
+def _onnx_backend(path: Path, device: str = "cpu"):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), options, providers=_onnx_providers(device))
+    except UsageError:
+        raise
+    except Exception:
+        raise UsageError(f"{path}: is not a readable ONNX model; export one with `visiontune export`.") from None
     name = session.get_inputs()[0].name
     meta = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     return (lambda batch: session.run(None, {name: batch})[0]), (json.loads(meta) if meta else None)
@@ -83,30 +156,36 @@ def _sidecar(path: Path) -> dict | None:
     return json.loads(side.read_text()) if side.is_file() else None
 
 
-def load(path: str | Path) -> Predictor:
-    """A run folder, an exported .onnx file, or an exported TorchScript (.pt/.ts) file."""
+def load(path: str | Path, device: str = "auto", tta: bool = False) -> Predictor:
+    """A run folder, an exported .onnx file, or an exported TorchScript (.pt/.ts) file, ready to predict.
+
+    device: auto (a GPU when one is visible), cpu, cuda, cuda:N. tta: average with the mirror image.
+    """
     path = Path(path)
     if path.is_dir():
         from .runfolder import RunFolder
 
         model, meta = RunFolder(path).load_model()
-        return Predictor(meta["classes"], meta["preprocessing"], _torch_backend(model), f"run:{path}")
+        return Predictor(meta["classes"], meta["preprocessing"], _torch_backend(model, device), f"run:{path}", meta, tta)
     if not path.is_file():
         raise UsageError(f"{path}: no such run folder or model file; pass a run folder or an exported .onnx/.pt file.")
     if path.suffix == ".onnx":
-        backend, meta = _onnx_backend(path)
+        backend, meta = _onnx_backend(path, device)
         meta = meta or _sidecar(path)
         if meta is None:
             raise UsageError(f"{path}: has no visiontune metadata (classes, preprocessing); export it with `visiontune export`.")
-        return Predictor(meta["classes"], meta["preprocessing"], backend, f"onnx:{path}")
+        return Predictor(meta["classes"], meta["preprocessing"], backend, f"onnx:{path}", meta, tta)
     if path.suffix in (".pt", ".ts", ".torchscript"):
         import torch
 
+        from .runtime import resolve_device
+
+        target = resolve_device(device)
         extra = {f"{META_KEY}.json": ""}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", category=FutureWarning)  # jit.load's deprecation notice
-                model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+                model = torch.jit.load(str(path), map_location=target, _extra_files=extra)
         except Exception:
             raise UsageError(f"{path}: is not a TorchScript file; export one with `visiontune export --format torchscript`.") from None
         meta = json.loads(extra[f"{META_KEY}.json"]) if extra[f"{META_KEY}.json"] else _sidecar(path)
@@ -115,9 +194,9 @@ def load(path: str | Path) -> Predictor:
         # The exported module already ends in softmax.
         def run(batch: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                return model(torch.from_numpy(batch)).numpy()
+                return model(torch.from_numpy(batch).to(target)).cpu().numpy()
 
-        return Predictor(meta["classes"], meta["preprocessing"], run, f"torchscript:{path}")
+        return Predictor(meta["classes"], meta["preprocessing"], run, f"torchscript:{path}", meta, tta)
     raise UsageError(f"{path}: unknown model file type; pass a run folder, a .onnx or a .pt file.")
 
 
