@@ -91,7 +91,7 @@ def tiny_settings(tiny_weights: Path, tmp_path: Path) -> dict:
     """Settings for a fast run of the whole pipeline on the tiny backbone."""
     return {"model": "test_efficientnet", "weights": str(tiny_weights), "image_size": 48, "train_size": 48,
             "batch_size": 4, "epochs": 2, "cache_dir": str(tmp_path / "cache"), "quiet": True,
-            "channels_last": False}
+            "channels_last": False, "log": "none"}
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from visiontune.cli import main
 
 from .conftest import make_folder
@@ -107,3 +109,16 @@ def test_exit_codes_tell_a_bad_flag_from_bad_data(tmp_path, capsys):
     assert run_cli(["train", str(tmp_path / "one"), "--epochs", "0"], capsys)[0] == 2
     code, _, err = run_cli(["train", str(one_class), "--quiet"], capsys)
     assert code == 3 and "Traceback" not in err
+
+
+def test_help_lists_every_command_on_one_line(capsys, monkeypatch):
+    from visiontune.cli import COMMANDS
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ") and not line.startswith("     ")]
+    assert sorted(listed) == sorted(COMMANDS)  # each once
+    section = out.split("positional arguments:")[1].split("options:")[0].strip().splitlines()
+    assert len(section) == 1 + len(COMMANDS)  # the {...} line, then one line per command: no wrapped help

@@ -245,7 +245,7 @@ def test_a_one_process_run_resumes_with_two(odd_data, ddp_settings, tmp_path, mo
     from visiontune.cli import build_parser
 
     parsed = vars(build_parser().parse_args(args))
-    settings = {k: v for k, v in parsed.items() if k not in ("command", "data", "resume")}
+    settings = {k: v for k, v in parsed.items() if k not in ("command", "data", "resume", "config")}
     with pytest.raises(Stop):
         training.train(str(odd_data), **settings)
     monkeypatch.undo()

@@ -183,6 +183,37 @@ def test_predict_tta_device_and_jsonl_top_k(tiny_run, tiny_data, capsys):
     assert code == 2 and "--device cuda:7" in err
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_logits_output(tiny_run, tiny_data, tmp_path, fmt):
+    import onnxruntime as ort
+    import torch
+
+    artifact = tmp_path / f"m.{fmt}"
+    assert main(["export", str(tiny_run.path), "--format", fmt, "--out", str(artifact), "--output", "logits"]) == 0
+    meta = json.loads((tmp_path / f"m.{fmt}.json").read_text())
+    assert meta["output"] == "logits"
+    images = sorted((tiny_data / "val").rglob("*.png"))
+    model, _ = visiontune.runfolder.RunFolder(tiny_run.path).load_model()
+    x = np.stack([visiontune.load(tiny_run.path).preprocess(p) for p in images])
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(x)).numpy()
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+        raw = session.run(None, {"input": x})[0]
+        assert session.get_outputs()[0].name == "logits"
+        assert json.loads(session.get_modelmeta().custom_metadata_map["visiontune"])["output"] == "logits"
+    else:
+        raw = torch.jit.load(str(artifact))(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(raw - logits).max() <= 1e-4  # the raw output is the logits, not probabilities
+    # predict still gives probabilities, equal to the run's.
+    exported = visiontune.load(artifact).predict(images)
+    for a, b in zip(exported, visiontune.load(tiny_run.path).predict(images)):
+        assert a["label"] == b["label"] and abs(a["score"] - b["score"]) <= 1e-4
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one line, exit 2
+        main(["export", str(tiny_run.path), "--out", str(tmp_path / "n.onnx"), "--output", "scores"])
+    assert exit_info.value.code == 2
+
+
 @pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("torchscript", ".pt")])
 def test_export_matches_pytorch_and_carries_metadata(tiny_run, tiny_data, capsys, fmt, suffix):
     code, out, err = run_cli(["export", str(tiny_run.path), "--format", fmt], capsys)
@@ -196,7 +227,8 @@ def test_export_matches_pytorch_and_carries_metadata(tiny_run, tiny_data, capsys
         assert a["label"] == b["label"]
         for c in a["probs"]:
             assert abs(a["probs"][c] - b["probs"][c]) <= 1e-4
-    assert json.loads((artifact.parent / (artifact.name + ".json")).read_text())["classes"] == ["ants", "bees"]
+    sidecar = json.loads((artifact.parent / (artifact.name + ".json")).read_text())
+    assert sidecar["classes"] == ["ants", "bees"] and sidecar["output"] == "probs"
     # Never overwrite an existing artifact.
     code, _, err = run_cli(["export", str(tiny_run.path), "--format", fmt], capsys)
     assert code == 2 and "--out" in err

@@ -13,6 +13,7 @@ every shape, so a mismatch fails loudly instead of loading wrong weights.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ class Backbone:
     description: str
     # Returns the path of a bundled weights file, or None when not installed.
     bundled_weights: Callable[[], Path | None] | None = None
+    # What timm.create_model(..., pretrained=True) is given: a pretrained tag ("convnext_tiny.fb_in22k")
+    # or a hub name ("hf-hub:org/name"); timm_name stays the bare architecture, which rebuilds a run.
+    pretrained_name: str | None = None
 
     def offline(self) -> bool:
         return self.bundled_weights is not None and self.bundled_weights() is not None
@@ -63,17 +67,108 @@ REGISTRY: dict[str, Backbone] = {
 
 
 def resolve(name: str) -> Backbone:
-    """A registered name, or any timm architecture (weights from --weights or the hub)."""
+    """A registered name, any timm architecture, a pretrained tag of one (convnext_tiny.fb_in22k) or a
+    Hugging Face hub name (hf-hub:org/name); weights from --weights, the local hub cache or the hub."""
     if name in REGISTRY:
         return REGISTRY[name]
     import timm
+    from timm.models import split_model_name_tag
 
+    if name.startswith("hf-hub:"):
+        config = json.loads(Path(_hub_file(name, name[len("hf-hub:"):], "config.json")).read_text())
+        architecture = config.get("architecture")
+        if not timm.is_model(architecture):
+            raise UsageError(f"--model {name}: its config.json names architecture {architecture!r}, which this timm "
+                             "does not have; upgrade timm or pick another model.")
+        return Backbone(name=name, timm_name=architecture, description=f"{name} ({architecture})", pretrained_name=name)
     if name in timm.list_models():
         return Backbone(name=name, timm_name=name, description=f"timm {name}")
+    architecture, tag = split_model_name_tag(name)
+    if tag and architecture in timm.list_models():
+        known = timm.list_pretrained(f"{architecture}.*")
+        if name not in known:
+            tags = [t.split(".", 1)[1] for t in known]
+            raise UsageError(f"--model {name}: timm has no pretrained tag {tag!r} for {architecture}; its tags: "
+                             f"{', '.join(tags) or 'none'}.")
+        return Backbone(name=name, timm_name=architecture, description=f"timm {name}", pretrained_name=name)
     raise UsageError(
         f"--model {name!r} is not a known backbone; run `visiontune models` for the registered "
-        f"names, or pass any timm architecture name."
+        f"names, or pass any timm architecture name, a pretrained tag (convnext_tiny.fb_in22k) or hf-hub:org/name."
     )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all: without it, huggingface_hub retries for a minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _hub_file(model: str, repo: str, filename: str) -> str:
+    """A file of a hub repository: from the local cache, else downloaded when the hub is reachable."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, filename)
+    if isinstance(cached, str):
+        return cached
+    if _hub_reachable():
+        try:
+            return hf_hub_download(repo, filename)
+        except Exception as exc:
+            raise UsageError(f"--model {model}: {repo}/{filename} could not be downloaded from the Hugging Face hub "
+                             f"({type(exc).__name__}); check the name, or pass --weights FILE.") from None
+    raise UsageError(f"--model {model}: {repo}/{filename} is not in the local Hugging Face cache ({_hub_cache()}) and "
+                     "the hub cannot be reached; connect once to download it, or pass --weights FILE with "
+                     "the architecture's name as --model.")
+
+
+def _hub_repo(backbone: Backbone) -> str | None:
+    """The hub repository holding a pretrained name's weights (None: weights at a plain URL)."""
+    name = backbone.pretrained_name or backbone.timm_name
+    if name.startswith("hf-hub:"):
+        return name[len("hf-hub:"):]
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+
+
+def _create_from_hub(backbone: Backbone) -> nn.Module:
+    """timm's pretrained model; from the local cache without touching the network when the files are
+    there, else downloaded if the hub is reachable, else one sentence naming the missing file."""
+    import timm
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    name = backbone.pretrained_name or backbone.timm_name
+    repo = _hub_repo(backbone)
+    if repo is None:  # weights at a URL (torch.hub's cache): timm's own error says which
+        return timm.create_model(name, pretrained=True)
+    weights = next((f for f in ("model.safetensors", "pytorch_model.bin")
+                    if isinstance(try_to_load_from_cache(repo, f), str)), None)
+    if weights is None:
+        _hub_file(backbone.name, repo, "model.safetensors")  # downloads it, or says what is missing
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True  # every file is cached now: no request, no retries
+    try:
+        return timm.create_model(name, pretrained=True)
+    finally:
+        constants.HF_HUB_OFFLINE = offline
 
 
 # --- EfficientNet-Lite key translation ---------------------------------------
@@ -172,6 +267,11 @@ def create_pretrained(name: str, weights: Path | None = None) -> tuple[nn.Module
         state = load_weights_file(Path(weights))
         if backbone.name in REGISTRY and any(k.startswith("_blocks.") for k in state):
             state = translate_lite_state_dict(state, model)
+        # A head for other classes (a visiontune run's best.safetensors, a checkpoint fine-tuned
+        # elsewhere) is not the backbone's: it is replaced for this data anyway.
+        own = model.state_dict()
+        state = {k: v for k, v in state.items()
+                 if not (k.startswith(_classifier_prefix(model)) and k in own and own[k].shape != v.shape)}
         result = model.load_state_dict(state, strict=False)
         body_missing = [k for k in result.missing_keys if not k.startswith(_classifier_prefix(model))]
         if body_missing or result.unexpected_keys and not all(
@@ -194,13 +294,15 @@ def create_pretrained(name: str, weights: Path | None = None) -> tuple[nn.Module
         model.load_state_dict(translate_lite_state_dict(source, model))
         return model, f"package:{path.name}"
     try:
-        model = timm.create_model(backbone.timm_name, pretrained=True)
+        model = _create_from_hub(backbone)
+    except UsageError:
+        raise
     except Exception as exc:
         raise UsageError(
-            f"--model {name}: its pretrained weights could not be downloaded ({type(exc).__name__}); "
+            f"--model {name}: its pretrained weights could not be loaded ({type(exc).__name__}); "
             "connect to the internet or pass --weights FILE."
         ) from None
-    return model, f"hub:{model.pretrained_cfg.get('hf_hub_id') or backbone.timm_name}"
+    return model, f"hub:{model.pretrained_cfg.get('hf_hub_id') or backbone.pretrained_name or backbone.timm_name}"
 
 
 def _classifier_prefix(model: nn.Module) -> str:

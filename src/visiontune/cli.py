@@ -13,76 +13,71 @@ from . import __version__
 from .errors import DataError, UsageError, VisiontuneError
 
 
+def _config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("data",)) -> None:
+    """One --flag per TrainConfig field: type from its annotation, choices from its metadata, help
+    from its docstring. Flags the user does not give are absent from the namespace (SUPPRESS), so
+    that a --config file's values stand unless a flag overrides them."""
+    from dataclasses import MISSING, fields
+
+    from .config import field_docs
+
+    docs = field_docs()
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        default = "" if f.default in (MISSING, None) or kind == "bool" else f" (default {f.default})"
+        options = {"help": (docs.get(f.name, "") + default).replace("%", "%%"), "default": argparse.SUPPRESS}
+        if kind == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+            options["metavar"] = f.name.upper()
+            if "choices" in f.metadata:
+                options["choices"] = f.metadata["choices"]
+                options.pop("metavar")
+        parser.add_argument(flag, **options)
+
+
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a pretrained backbone on a folder of images",
+    p = sub.add_parser("train", help="fine-tune a pretrained backbone on your images",
                        description="Train on DATA: a folder (train/ and val/, or one folder per class), "
                                    "a path,label CSV, or a known data set name (hymenoptera).")
     p.add_argument("data", metavar="DATA", nargs="?")
-    p.add_argument("--resume", metavar="RUN", help="continue a stopped or killed run from RUN/last.ckpt")
-    p.add_argument("--mode", choices=MODES, default="finetune",
-                   help="finetune: train every weight (default); fixed: frozen backbone, new head only; "
-                        "staged: head first, then every layer; auto: staged within --budget")
-    p.add_argument("--model", default=TrainConfig.model, help="backbone (see `visiontune models`)")
-    p.add_argument("--weights", help="backbone weights file (.safetensors or state dict)")
-    p.add_argument("--epochs", type=int, help="default: 3 (finetune, staged; at most 3 for auto), 25 (fixed)")
-    p.add_argument("--head-epochs", type=int, help="staged/auto: head-only epochs first, fixed mode's head recipe (default 25)")
-    p.add_argument("--head-lr", type=float, help="staged/auto: learning rate of the head-only epochs (default 0.01)")
-    p.add_argument("--budget", help="auto: wall-clock budget for the run, e.g. 90s, 5m, 1h (default 5m)")
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--eval-batch-size", type=int, default=TrainConfig.eval_batch_size)
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4 AdamW finetune/staged/auto, 0.01 SGD fixed)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--momentum", type=float, default=TrainConfig.momentum)
-    p.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay)
-    p.add_argument("--schedule", choices=SCHEDULES)
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--bn", choices=BN_POLICIES,
-                   help="fine-tune BatchNorm statistics: frozen (default: the pretrained ones) or train")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--augment", choices=AUGMENTS, default=TrainConfig.augment)
-    p.add_argument("--mixup", type=float, help="mixup Beta alpha, 0 off (default 0.2 with --augment strong, else 0)")
-    p.add_argument("--cutmix", type=float, help="CutMix Beta alpha, 0 off (default 1.0 with --augment strong, else 0)")
-    p.add_argument("--class-weights", choices=CLASS_WEIGHTS, default=TrainConfig.class_weights)
-    p.add_argument("--sampler", choices=SAMPLERS, default=TrainConfig.sampler)
-    p.add_argument("--accumulate", type=int, default=1, help="optimizer step every K batches")
-    p.add_argument("--patience", type=int, help="stop after this many epochs without val improvement")
-    p.add_argument("--lr-decay", type=float, help="layer-wise lr decay per block group, e.g. 0.7")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="run folder (default runs/<data>-<mode>); must be new or empty")
-    p.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction)
-    p.add_argument("--views", type=int, default=TrainConfig.views, help="fixed mode: feature views per image")
-    p.add_argument("--image-size", type=int, help="eval input size (default: the backbone's)")
-    p.add_argument("--train-size", type=int, help="fine-tune crop size (default 5/7 of the eval size)")
-    p.add_argument("--head-init", choices=HEAD_INITS, help="fine-tune: probe (default) or random")
-    p.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=True,
-                   help="NHWC memory layout (default on: faster convolutions on CPU and on tensor cores)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--device", default=TrainConfig.device, help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
-                   help="auto (default): bf16 on GPUs that support it, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; costs a minute up front)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels, so GPU runs repeat exactly (slower)")
-    p.add_argument("--workers", type=int, help="data loader processes (default 0 on CPU, up to 8 on GPU)")
-    p.add_argument("--cache-dir")
-    p.add_argument("--decode-cache-gb", type=float, default=TrainConfig.decode_cache_gb)
-    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false")
-    p.add_argument("--strict", action="store_true", help="stop on unreadable images instead of leaving them out")
-    p.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML or JSON file of these settings (names with _), or a run's config.json to repeat "
+                        "that run; flags given here override it")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue a stopped or killed run from RUN/last.ckpt; with --epochs N, extend a run to N "
+                        "epochs")
+    _config_flags(p)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import resume, train
+    from .config import read_settings_file
+    from .training import RESUME_OVERRIDES, resume, train
 
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "data", "resume", "config")}
     if args.resume:
-        if args.data:
-            raise UsageError(f"--resume {args.resume}: takes its data and settings from the run; drop DATA ({args.data}).")
-        resume(args.resume, quiet=args.quiet)
+        if args.data or args.config:
+            raise UsageError(f"--resume {args.resume}: takes its data and settings from the run; drop "
+                             f"{'DATA (' + args.data + ')' if args.data else '--config'}.")
+        extra = sorted(set(given) - {"quiet", "epochs"} - set(RESUME_OVERRIDES))
+        if extra:
+            raise UsageError(f"--resume {args.resume}: takes its settings from the run; only --epochs (to extend "
+                             f"it), --quiet and where it runs ({', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)}) "
+                             f"can be given, not --{extra[0].replace('_', '-')}.")
+        resume(args.resume, quiet=given.get("quiet", False), epochs=given.get("epochs"),
+               **{k: v for k, v in given.items() if k in RESUME_OVERRIDES})
         return 0
-    if not args.data:
-        raise UsageError("DATA is missing: pass a folder, a CSV or a known data set name (hymenoptera), or --resume RUN.")
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "data", "resume")}
-    train(args.data, **settings)
+    settings = read_settings_file(args.config) if args.config else {}
+    data = args.data or settings.pop("data", None)
+    settings.pop("data", None)
+    if not data:
+        raise UsageError("DATA is missing: pass a folder, a CSV or a known data set name (hymenoptera), "
+                         "--config FILE with data, or --resume RUN.")
+    train(data, **{**settings, **given})
     return 0
 
 
@@ -138,7 +133,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    path, diff = export_run(args.run, args.format, args.out)
+    path, diff = export_run(args.run, args.format, args.out, output=args.output)
     print(f"wrote {path} (max |p - p_torch| = {diff:.1e} on real val images)")
     return 0
 
@@ -228,14 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-V", "--version", action="version", version=f"visiontune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
-    sub.add_parser("models", help="list registered backbones and whether they work offline")
-    p = sub.add_parser("datasets", help="list known data sets; with DATA: the layout, classes and counts "
-                                        "training would use")
+    sub.add_parser("models", help="list backbones and whether they work offline")
+    p = sub.add_parser("datasets", help="known data sets; with DATA: the layout it reads")
     p.add_argument("data", nargs="?", help="a folder, CSV or known data set name to inspect")
     p.add_argument("--val-fraction", type=float, default=0.2, help="as for train, when DATA has no val split")
     p.add_argument("--seed", type=int, default=0, help="as for train, when DATA has no val split")
 
-    p = sub.add_parser("lr-find", help="learning-rate range test: suggests a learning rate, changes nothing")
+    p = sub.add_parser("lr-find", help="learning-rate range test; suggests a rate")
     p.add_argument("data", metavar="DATA")
     p.add_argument("--mode", choices=MODES, default="finetune")
     p.add_argument("--model", default=TrainConfig.model)
@@ -251,11 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="new or empty folder for lr_find.png (default runs/<data>-lr-find[-N])")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N, as for train")
 
-    p = sub.add_parser("doctor", help="decode every image and report what is wrong with the data")
+    p = sub.add_parser("doctor", help="check every image file and report problems")
     p.add_argument("data", metavar="DATA")
     p.add_argument("--format", choices=["table", "json"], default="table")
 
-    p = sub.add_parser("eval", help="metrics of a run on its val/test split or on DATA")
+    p = sub.add_parser("eval", help="metrics of a run on its val/test split or DATA")
     p.add_argument("run", metavar="RUN")
     p.add_argument("data", metavar="DATA", nargs="?")
     p.add_argument("--split", choices=["val", "test"], default="val")
@@ -265,10 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-n", type=int, default=10, help="most confident mistakes to list")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
 
-    p = sub.add_parser("report", help="write RUN/report.html (curves, confusion matrix, mistakes)")
+    p = sub.add_parser("report", help="write RUN/report.html: curves, mistakes, heatmaps")
     p.add_argument("run", metavar="RUN")
 
-    p = sub.add_parser("predict", help="classify images with a run folder or an exported model")
+    p = sub.add_parser("predict", help="classify images with a run or an exported model")
     p.add_argument("model", metavar="RUN_OR_ARTIFACT")
     p.add_argument("paths", metavar="PATH", nargs="+", help="files, folders (recursive) or globs")
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
@@ -278,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
 
-    p = sub.add_parser("explain", help="heatmaps of what each prediction looked at (Grad-CAM), one PNG per image")
+    p = sub.add_parser("explain", help="Grad-CAM heatmaps of what each prediction used")
     p.add_argument("run", metavar="RUN")
     p.add_argument("paths", metavar="PATH", nargs="+", help="files, folders (recursive) or globs")
     p.add_argument("--out", required=True, help="folder for the heatmaps and explanations.jsonl")
@@ -287,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=EXPLAIN_METHODS, default="gradcam")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
 
-    p = sub.add_parser("serve", help="HTTP server: POST /predict, a web page at /, GET /health and /model")
+    p = sub.add_parser("serve", help="HTTP server and web page for a run or ONNX file")
     p.add_argument("model", metavar="RUN_OR_ONNX", help="a run folder, or an exported .onnx file (served without torch)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -299,10 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32, help="most images in one batch")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body accepted, in MB")
 
-    p = sub.add_parser("export", help="export a run to ONNX or TorchScript, checked against PyTorch")
+    p = sub.add_parser("export", help="export to ONNX or TorchScript, checked vs PyTorch")
     p.add_argument("run", metavar="RUN")
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     p.add_argument("--out", help="output file (default RUN/model.onnx or RUN/model.pt)")
+    p.add_argument("--output", choices=["probs", "logits"], default="probs",
+                   help="what the exported model outputs: probs (softmax, default) or logits (as timm exports)")
     return parser
 
 

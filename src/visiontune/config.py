@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from .errors import UsageError
 
@@ -45,14 +46,18 @@ class TrainConfig:
 
     data: str
     """Folder (tutorial layout or class folders), CSV of path,label[,split], or a known data set name."""
-    mode: str = "finetune"
+    mode: str = field(default="finetune", metadata={"choices": MODES})
     """finetune: train every weight; fixed: frozen backbone (BatchNorm statistics too), new head only;
     staged: head_epochs of head only (frozen backbone), then `epochs` of every layer at `lr`;
     auto: staged, with as many fine-tuning epochs (up to `epochs`, maybe none) as fit `budget`."""
     model: str = DEFAULT_BACKBONE
     """Registered backbone name (`visiontune models`) or any timm architecture."""
     weights: str | None = None
-    """Weights file (.safetensors or state dict) for the backbone, instead of bundled/hub weights."""
+    """Weights file (.safetensors or state dict) for the backbone, instead of bundled/hub weights; a run's
+    best.safetensors gives its backbone (its head is replaced)."""
+    init: str | None = None
+    """A run folder whose best weights start this run: backbone and head when the classes are the same,
+    else the backbone only."""
     epochs: int | None = None
     """Epochs of training every layer (finetune, staged, auto) or of the head (fixed)."""
     head_epochs: int | None = None
@@ -68,15 +73,18 @@ class TrainConfig:
     """Batch size of evaluation and feature extraction (throughput is flat above 32 on a CPU; memory is not)."""
     lr: float | None = None
     """Peak learning rate for a batch of `batch_size`."""
-    optimizer: str | None = None
+    optimizer: str | None = field(default=None, metadata={"choices": OPTIMIZERS})
+    """Default: adamw (finetune, staged, auto), sgd (fixed)."""
     momentum: float = 0.9
+    """SGD momentum."""
     weight_decay: float = 1e-4
     """Applied to weights of convolutions and linear layers only, not to norms and biases."""
-    schedule: str | None = None
+    schedule: str | None = field(default=None, metadata={"choices": SCHEDULES})
     """cosine (per step, after linear warmup), step (x0.1 every 7 epochs: the tutorial's),
     onecycle (30% linear rise from lr/25, then cosine down to lr/1e4), constant."""
     warmup_epochs: float | None = None
-    bn: str | None = None
+    """Epochs of linear learning-rate warm-up (fractions allowed); default 0."""
+    bn: str | None = field(default=None, metadata={"choices": BN_POLICIES})
     """Fine-tune BatchNorm policy. frozen (default): running statistics stay the pretrained ones (layers
     in eval mode, affine weights still trained), as Keras recommends for fine-tuning; train: statistics
     follow the training batches (the tutorial's and timm's). Measured (docs/recipes.md): with train,
@@ -84,17 +92,18 @@ class TrainConfig:
     first fine-tuning epoch fell from the probe's 0.93 to 0.63-0.85. frozen needs a small step (AdamW
     1e-4): SGD at 0.003 diverged with it."""
     label_smoothing: float = 0.0
-    augment: str = "light"
+    """Cross-entropy label smoothing of the training loss, e.g. 0.1."""
+    augment: str = field(default="light", metadata={"choices": AUGMENTS})
     """Training augmentation: none (center crop, as in eval), light (random resized crop 25-100% + flip),
     strong (light + TrivialAugmentWide)."""
     mixup: float | None = None
     """Mixup Beta(alpha, alpha); 0 off; default 0.2 with --augment strong, else off."""
     cutmix: float | None = None
     """CutMix Beta(alpha, alpha); 0 off; default 1.0 with --augment strong, else off."""
-    class_weights: str = "none"
+    class_weights: str = field(default="none", metadata={"choices": CLASS_WEIGHTS})
     """auto: weight each class's loss by N / (classes * count), for imbalanced data (training loss only;
     val loss stays the plain mean cross-entropy so epochs and runs compare)."""
-    sampler: str = "random"
+    sampler: str = field(default="random", metadata={"choices": SAMPLERS})
     """balanced: draw training images with probability inversely proportional to their class size."""
     accumulate: int = 1
     """Optimizer step every K batches, on the gradient of all K*B samples."""
@@ -104,6 +113,7 @@ class TrainConfig:
     """Layer-wise learning-rate decay for fine-tuning: each block group from the head down gets lr
     multiplied by this factor once more (e.g. 0.7); None: one learning rate."""
     seed: int = 0
+    """Seed of every random choice (splits, initialisation, augmentation, batch order)."""
     out: str | None = None
     """Run folder; default runs/<data name>-<mode>[-N]."""
     val_fraction: float = 0.2
@@ -115,7 +125,7 @@ class TrainConfig:
     train_size: int | None = None
     """Fine-tune training crop size; default 5/7 of the eval size (160 for 224): about 2x cheaper
     steps, and training at a lower resolution than testing does not cost accuracy (FixRes)."""
-    head_init: str | None = None
+    head_init: str | None = field(default=None, metadata={"choices": HEAD_INITS})
     """Fine-tune: "probe" fits the new head on cached backbone features first (linear probe, then
     fine-tune: LP-FT), so the backbone is not disturbed by a random head; "random" starts cold."""
     channels_last: bool = True
@@ -124,7 +134,7 @@ class TrainConfig:
     """Intra-op threads; default: the machine's cores."""
     device: str = "auto"
     """auto (cuda if visible, else cpu), cpu, cuda (torchrun: the process's LOCAL_RANK GPU) or cuda:N."""
-    precision: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     """auto (bf16 on GPUs that support it, fp32 on CPU), fp32, bf16 (autocast) or fp16 (autocast + GradScaler)."""
     compile: bool = False
     """torch.compile the model for training (on an H100 it doubled lite0's eval speed, not its training
@@ -143,6 +153,11 @@ class TrainConfig:
     strict: bool = False
     """Stop on unreadable images instead of leaving them out with a warning."""
     quiet: bool = False
+    """Print nothing but warnings and errors."""
+    log: str = "tensorboard"
+    """Experiment log: tensorboard (RUN/tensorboard: scalars per step and epoch, the confusion matrix and the
+    mistakes at the end), mlflow (when installed: params, metrics, the run folder as artifacts),
+    tensorboard,mlflow, or none."""
 
     def resolved(self) -> "TrainConfig":
         """A copy with mode defaults filled in, validated."""
@@ -204,6 +219,9 @@ class TrainConfig:
         elif self.budget is not None:
             raise UsageError(f"--budget {self.budget}: only --mode auto plans to a budget; add --mode auto or "
                              "drop --budget.")
+        from .callbacks import parse_log
+
+        parse_log(self.log)
         need(self.decode_cache_gb >= 0, "--decode-cache-gb", self.decode_cache_gb, "use 0 (no cache) or more")
 
     def to_json(self) -> dict:
@@ -212,6 +230,53 @@ class TrainConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def field_docs() -> dict[str, str]:
+    """Each TrainConfig field's docstring (the string literal below it), whitespace collapsed: the
+    command line's help, so that a setting is described once."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def read_settings_file(path: str | Path) -> dict:
+    """TrainConfig fields from a YAML or JSON file, or from a run's own config.json (whose run folder
+    is left out, so that the repeat gets a new one)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file; pass a YAML or JSON file of training settings.")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            settings = yaml.safe_load(text)
+        else:
+            settings = json.loads(text)
+    except Exception as exc:
+        kind = "YAML" if path.suffix.lower() in (".yaml", ".yml") else "JSON"
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"--config {path}: is not valid {kind} ({first}); fix the file.") from None
+    if isinstance(settings, dict) and isinstance(settings.get("config"), dict) and "data" in settings:
+        settings = {k: v for k, v in settings["config"].items() if k != "out"}  # a run folder's config.json
+    if not isinstance(settings, dict):
+        raise UsageError(f"--config {path}: must hold a mapping of setting names to values (epochs: 10).")
+    unknown = sorted(set(settings) - set(TrainConfig.field_names()))
+    if unknown:
+        raise UsageError(f"--config {path}: unknown setting(s) {', '.join(unknown)}; the settings are the long "
+                         "flags of `visiontune train --help` with _ for -.")
+    return settings
 
 
 def parse_duration(text: str, flag: str = "--budget") -> float:

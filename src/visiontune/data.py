@@ -54,6 +54,8 @@ class Splits:
     layout: str  # "folders", "class-folders" or "csv"
     auto_split: dict = field(default_factory=dict)  # how val was made, when it was
     split_folders: dict[str, str] = field(default_factory=dict)  # split -> folder name, for the split layout
+    multi_label: bool = False
+    """A `path,labels` CSV: each sample's label is a tuple of class indices (any number, none included)."""
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {
@@ -64,7 +66,8 @@ class Splits:
     def describe(self) -> str:
         """The layout as understood, for a person to check before training: splits, classes, counts."""
         kinds = {"folders": "split folders", "class-folders": "class folders (no split folders)", "csv": "CSV"}
-        lines = [f"{self.root}: {kinds[self.layout]}, {len(self.classes)} classes"]
+        lines = [f"{self.root}: {kinds[self.layout]}, {len(self.classes)} classes"
+                 + (" (multi-label: an image counts once under each of its labels)" if self.multi_label else "")]
         counts = self.counts()
         width = max(len("total"), *(len(c) for c in self.classes))
         splits = list(self.samples)
@@ -110,8 +113,35 @@ def cross_split_duplicates(splits: Splits) -> list[list[tuple[str, Path, int]]]:
 
 
 def _class_counts(items: list[tuple[Path, int]], num_classes: int) -> list[int]:
-    counter = Counter(label for _, label in items)
+    """Images per class; a multi-label image counts once for each of its classes."""
+    counter = Counter(c for _, label in items for c in (label if isinstance(label, tuple) else (label,)))
     return [counter.get(i, 0) for i in range(num_classes)]
+
+
+LABEL_SEPARATOR = "|"  # between the labels of one image in a path,labels CSV (and in splits/*.csv)
+
+
+def label_name(classes: list[str], label: int | tuple[int, ...]) -> str:
+    """A sample's label as written in CSV files: the class, or the classes joined by |."""
+    return LABEL_SEPARATOR.join(classes[c] for c in label) if isinstance(label, tuple) else classes[label]
+
+
+def parse_label(classes: list[str], text: str, multi_label: bool) -> int | tuple[int, ...]:
+    if not multi_label:
+        return classes.index(text)
+    return tuple(sorted(classes.index(c.strip()) for c in text.split(LABEL_SEPARATOR) if c.strip()))
+
+
+def label_tensor(items: list[tuple[Path, int]], num_classes: int):
+    """Class indices (int64), or for multi-label samples a multi-hot float32 matrix (N, classes)."""
+    import torch
+
+    if items and isinstance(items[0][1], tuple):
+        hot = torch.zeros(len(items), num_classes)
+        for row, (_, label) in enumerate(items):
+            hot[row, list(label)] = 1.0
+        return hot
+    return torch.tensor([y for _, y in items])
 
 
 def is_image_file(path: Path) -> bool:
@@ -283,11 +313,18 @@ def _from_split_folders(layout: Layout, val_fraction: float, seed: int) -> Split
 
 
 def _with_val_split(root: Path, classes: list[str], samples: dict, layout: str, val_fraction: float,
-                    seed: int) -> Splits:
-    """Splits in train/val/test order; without a val split, one is held out of train (stratified, seeded)."""
+                    seed: int, multi_label: bool = False) -> Splits:
+    """Splits in train/val/test order; without a val split, one is held out of train (stratified, seeded;
+    multi-label: a seeded random share, as label sets are too many to stratify by)."""
     auto = {}
     if "val" not in samples:
-        samples["train"], samples["val"] = stratified_split(samples["train"], val_fraction, seed)
+        if multi_label:
+            shuffled = list(samples["train"])
+            random.Random(seed).shuffle(shuffled)
+            n_held = max(1, round(len(shuffled) * val_fraction)) if len(shuffled) > 1 else 0
+            samples["train"], samples["val"] = sorted(shuffled[n_held:]), sorted(shuffled[:n_held])
+        else:
+            samples["train"], samples["val"] = stratified_split(samples["train"], val_fraction, seed)
         auto = {"val_from": "train", "val_fraction": val_fraction, "seed": seed}
     ordered = {s: samples[s] for s in SPLIT_NAMES if s in samples}
     return Splits(root=root, classes=classes, samples=ordered, layout=layout, auto_split=auto)
@@ -312,11 +349,15 @@ def _from_class_folders(root: Path, val_fraction: float, seed: int) -> Splits:
 
 
 def _from_csv(path: Path, val_fraction: float, seed: int) -> Splits:
+    """path,label[,split] (one class per image) or path,labels[,split] (multi-label: classes joined by |)."""
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-            raise DataError(f"DATA {path}: needs a header with columns path,label (optionally split).")
+        columns = set(reader.fieldnames or [])
+        if "path" not in columns or not ({"label", "labels"} & columns) or {"label", "labels"} <= columns:
+            raise DataError(f"DATA {path}: needs a header with columns path,label (one class per image) or "
+                            "path,labels (several, joined by |), optionally split.")
         rows = list(reader)
+    multi = "labels" in columns
     records = []
     for line, row in enumerate(rows, start=2):
         file = Path(row["path"])
@@ -326,18 +367,25 @@ def _from_csv(path: Path, val_fraction: float, seed: int) -> Splits:
             raise DataError(f"DATA {path} line {line}: split {split!r} is not one of train, val, test.")
         if not file.is_file():
             raise DataError(f"DATA {path} line {line}: image {file} does not exist; fix the path or remove the row.")
-        records.append((file, row["label"].strip(), split))
-    classes = sorted({label for _, label, split in records if split == "train"})
+        if multi:
+            names = tuple(sorted({c.strip() for c in (row["labels"] or "").split(LABEL_SEPARATOR) if c.strip()}))
+        else:
+            names = (row["label"].strip(),)
+        records.append((file, names, split))
+    classes = sorted({c for _, names, split in records if split == "train" for c in names})
     if not classes:
-        raise DataError(f"DATA {path}: has no rows for the train split; add path,label rows.")
-    unknown = sorted({label for _, label, split in records if label not in classes})
+        raise DataError(f"DATA {path}: has no labelled rows for the train split; add path,label rows.")
+    unknown = sorted({c for _, names, _ in records for c in names if c not in classes})
     if unknown:
         raise DataError(f"DATA {path}: labels {', '.join(unknown)} appear outside train only; every class needs training images.")
     index = {c: i for i, c in enumerate(classes)}
     samples: dict[str, list[tuple[Path, int]]] = {}
-    for file, label, split in records:
-        samples.setdefault(split, []).append((file, index[label]))
-    return _with_val_split(path, classes, samples, "csv", val_fraction, seed)
+    for file, names, split in records:
+        label = tuple(index[c] for c in names) if multi else index[names[0]]
+        samples.setdefault(split, []).append((file, label))
+    splits = _with_val_split(path, classes, samples, "csv", val_fraction, seed, multi_label=multi)
+    splits.multi_label = multi
+    return splits
 
 
 def _check_usable(splits: Splits) -> None:
@@ -355,16 +403,24 @@ def _ext_list() -> str:
 
 
 class ImageDataset:
-    """(uint8 CHW tensor, label) pairs: `decode` gives the resized image, `transform` crops it."""
+    """(uint8 CHW tensor, label) pairs: `decode` gives the resized image, `transform` crops it. A
+    multi-label sample's label is its multi-hot float vector over `num_classes`."""
 
-    def __init__(self, samples: list[tuple[Path, int]], decode, transform):
+    def __init__(self, samples: list[tuple[Path, int]], decode, transform, num_classes: int = 0):
         self.samples, self.decode, self.transform = samples, decode, transform
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
+        if isinstance(label, tuple):
+            import torch
+
+            hot = torch.zeros(self.num_classes)
+            hot[list(label)] = 1.0
+            label = hot
         return self.transform(self.decode(path)), label
 
 
@@ -395,15 +451,15 @@ def worker_count(cfg, rt) -> int:
     return max(1, min(8, (os.cpu_count() or 2) // local_processes - 1))
 
 
-def train_loader(items: list[tuple[Path, int]], decode, transform, cfg, rt, generator):
+def train_loader(items: list[tuple[Path, int]], decode, transform, cfg, rt, generator, num_classes: int = 0):
     """Shuffled (or class-balanced) training batches of this process's share of `items`."""
     import torch
 
     from .recipes import make_sampler
     from .runtime import ShardSampler
 
-    dataset = ImageDataset(items, decode, transform)
-    labels = torch.tensor([y for _, y in items])
+    dataset = ImageDataset(items, decode, transform, num_classes)
+    labels = label_tensor(items, num_classes)
     sampler = ShardSampler(make_sampler(cfg, dataset, labels, generator), rt.rank, rt.world_size)
     workers = worker_count(cfg, rt)
     return torch.utils.data.DataLoader(
@@ -416,13 +472,13 @@ def train_loader(items: list[tuple[Path, int]], decode, transform, cfg, rt, gene
         drop_last=len(sampler) % cfg.batch_size == 1 and cfg.mode != "fixed")
 
 
-def val_loader(items: list[tuple[Path, int]], decode, transform, cfg, rt):
+def val_loader(items: list[tuple[Path, int]], decode, transform, cfg, rt, num_classes: int = 0):
     """Evaluation batches in file order. Each rank evaluates its own share, unpadded: summed over
     ranks, every image counts once."""
     import torch
 
     workers = worker_count(cfg, rt)
-    return torch.utils.data.DataLoader(ImageDataset(rt.shard(items), decode, transform),
+    return torch.utils.data.DataLoader(ImageDataset(rt.shard(items), decode, transform, num_classes),
                                        batch_size=cfg.eval_batch_size, shuffle=False, num_workers=workers,
                                        pin_memory=rt.device.type == "cuda",
                                        multiprocessing_context=_worker_context(workers))

@@ -57,12 +57,24 @@ def per_sample_loss(
     targets: torch.Tensor,
     class_weights: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
+    multi_label: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy of each sample (weighted by its class weight when given).
 
     `targets` are class indices, or per-class probabilities (mixup/cutmix) of shape [B, classes].
+    multi_label: `targets` are multi-hot [B, classes] and each sample's loss is the mean over classes of
+    the binary cross-entropy of one sigmoid per class (smoothing pulls targets towards 0.5).
     """
+    if multi_label:
+        soft = targets * (1.0 - label_smoothing) + 0.5 * label_smoothing
+        return F.binary_cross_entropy_with_logits(logits, soft, reduction="none").mean(dim=1)
     return F.cross_entropy(logits, targets, weight=class_weights, label_smoothing=label_smoothing, reduction="none")
+
+
+def label_decisions_correct(logits_or_probs: torch.Tensor, targets: torch.Tensor, probabilities: bool) -> torch.Tensor:
+    """Multi-label: per sample, the share of its classes decided right at 0.5 (fastai's accuracy_multi)."""
+    decided = logits_or_probs > (0.5 if probabilities else 0.0)
+    return (decided == (targets > 0.5)).double().mean(dim=1)
 
 
 def set_train_mode(model: nn.Module, frozen: Sequence[nn.Module] = ()) -> None:
@@ -94,6 +106,7 @@ def train_one_epoch(
     no_sync: Callable[[], ContextManager] | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
     on_step: Callable[[torch.Tensor], None] | None = None,
+    multi_label: bool = False,
 ) -> EpochStats:
     """One pass over `batches`; one optimizer step per `accumulate` batches.
 
@@ -112,11 +125,12 @@ def train_one_epoch(
     `on_step(loss)`, when given, sees each optimizer step's mean per-sample loss
     before the step is taken (lr-find records its curve with it; fastai's
     `lr_find` is likewise `fit` plus a per-step hook).
+    `multi_label`: multi-hot targets, per-class sigmoid loss, accuracy = share of label decisions right.
     """
     start = time.perf_counter()
     set_train_mode(model, frozen)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    correct = torch.zeros((), dtype=torch.float64 if multi_label else torch.int64, device=device)
     n = 0
     completed = True
     pending = 0  # samples whose gradients are summed in .grad and not yet stepped
@@ -152,7 +166,7 @@ def train_one_epoch(
         for index, (images, targets) in enumerate(batches, start=1):
             inputs, targets = prepare(images.to(device, non_blocking=True)), targets.to(device, non_blocking=True)
             labels = targets
-            if mix is not None:
+            if mix is not None and not multi_label:
                 inputs, targets = mix(inputs, targets)
                 labels = targets.argmax(dim=1)
             # Gradients are all-reduced only on the batch that ends an optimizer step.
@@ -161,7 +175,7 @@ def train_one_epoch(
             with sync:
                 with autocast():
                     logits = model(inputs)
-                losses = per_sample_loss(logits.float(), targets, class_weights, label_smoothing)
+                losses = per_sample_loss(logits.float(), targets, class_weights, label_smoothing, multi_label)
                 if accumulate > 1 or reduction == "sum":
                     objective = losses.sum()  # divided by the group's sample count in step()
                 else:
@@ -177,7 +191,10 @@ def train_one_epoch(
             loss_sum += losses.detach().sum()
             if on_step is not None:
                 step_loss += losses.detach().sum()
-            correct += (logits.detach().argmax(dim=1) == labels).sum()
+            if multi_label:
+                correct += label_decisions_correct(logits.detach().float(), labels, probabilities=False).sum()
+            else:
+                correct += (logits.detach().argmax(dim=1) == labels).sum()
             n += labels.shape[0]
             if index % accumulate == 0:
                 step()
@@ -204,6 +221,7 @@ def evaluate(
     autocast: Callable[[], ContextManager] = contextlib.nullcontext,
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
     tta: bool = False,
+    multi_label: bool = False,
 ) -> EvalOutput:
     """Loss and accuracy over `batches` with no graph and no change to any parameter or buffer.
 
@@ -211,11 +229,14 @@ def evaluate(
     flip), and its loss is -log of that mean at the true class (class weights and smoothing do not
     apply to it). Distributed: each rank passes its own shard of the images (every sample on exactly
     one rank) and `reduce` adds [loss sum, correct, n] over ranks before the one division.
+    `multi_label`: sigmoid probabilities, the mean per-class binary cross-entropy, and accuracy as the
+    share of label decisions right at 0.5 (with tta: of the mean of the two probabilities).
     """
     start = time.perf_counter()
     model.eval()
+    squash = torch.sigmoid if multi_label else (lambda x: torch.softmax(x, 1))
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    correct = torch.zeros((), dtype=torch.float64 if multi_label else torch.int64, device=device)
     n = 0
     kept: dict[str, list[torch.Tensor]] = {"probabilities": [], "losses": [], "targets": []}
     with torch.inference_mode():
@@ -227,17 +248,23 @@ def evaluate(
             if tta:
                 with autocast():
                     mirrored = model(torch.flip(inputs, dims=[3]))
-                probabilities = (torch.softmax(logits, 1) + torch.softmax(mirrored.float(), 1)) / 2
-                losses = -torch.log(probabilities[torch.arange(len(targets), device=device), targets])
+                probabilities = (squash(logits) + squash(mirrored.float())) / 2
+                if multi_label:
+                    losses = F.binary_cross_entropy(probabilities, targets, reduction="none").mean(dim=1)
+                else:
+                    losses = -torch.log(probabilities[torch.arange(len(targets), device=device), targets])
             else:
                 probabilities = None
-                losses = per_sample_loss(logits, targets, class_weights, label_smoothing)
+                losses = per_sample_loss(logits, targets, class_weights, label_smoothing, multi_label)
             loss_sum += losses.sum()
-            predictions = (probabilities if tta else logits).argmax(dim=1)
-            correct += (predictions == targets).sum()
+            if multi_label:
+                correct += label_decisions_correct(probabilities if tta else logits, targets, probabilities=tta).sum()
+            else:
+                predictions = (probabilities if tta else logits).argmax(dim=1)
+                correct += (predictions == targets).sum()
             n += targets.shape[0]
             if keep_outputs:
-                kept["probabilities"].append((probabilities if tta else torch.softmax(logits, 1)).cpu())
+                kept["probabilities"].append((probabilities if tta else squash(logits)).cpu())
                 kept["losses"].append(losses.double().cpu())
                 kept["targets"].append(targets.cpu())
     loss_total, correct_total, n_total = reduce(

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import class_folders, discover, find_layout
+from .data import LABEL_SEPARATOR, class_folders, discover, find_layout, label_tensor
 from .errors import DataError, UsageError
-from .metrics import confusion_matrix, per_class_report, wilson_interval
+from .metrics import confusion_matrix, multilabel_report, per_class_report, wilson_interval
 from .runfolder import RunFolder
 
 
@@ -34,7 +34,11 @@ def data_items(data: Path, split: str, classes: list[str]) -> list[tuple[Path, i
     unknown = sorted(set(splits.classes) - set(classes))
     if unknown:
         raise DataError(f"DATA {data}: classes {', '.join(unknown)} are not classes of this run ({', '.join(classes)}).")
-    return [(p, classes.index(splits.classes[y])) for p, y in splits.samples[split]]
+    def remap(y):
+        return tuple(sorted(classes.index(splits.classes[c]) for c in y)) if isinstance(y, tuple) \
+            else classes.index(splits.classes[y])
+
+    return [(p, remap(y)) for p, y in splits.samples[split]]
 
 
 def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "val", tta: bool = False,
@@ -57,20 +61,27 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     model, meta = RunFolder(run).load_model()
     model = model.to(rt.device)
     classes = meta["classes"]
+    multi = meta.get("task") == "multi-label"
     items = RunFolder(run).read_split(split, classes) if data is None else data_items(Path(data), split, classes)
     if not items:
         raise DataError(f"the {split} split to evaluate holds no images.")
+    if multi != isinstance(items[0][1], tuple):
+        raise UsageError(f"DATA {data}: {'a path,labels CSV' if multi else 'one class per image'} is needed to "
+                         f"evaluate this {'multi-label' if multi else 'single-label'} run.")
     pre = Preprocessing.from_json(meta["preprocessing"])
     transform = EvalTransform(pre)
     mine = rt.shard(range(len(items)))
+
+    labels = label_tensor(items, len(classes))
 
     def batches():
         for start in range(0, len(mine), batch_size):
             chunk = mine[start : start + batch_size]
             yield (torch.stack([transform(decode_array(items[i][0], pre.resize, pre.interpolation)) for i in chunk]),
-                   torch.tensor([items[i][1] for i in chunk]))
+                   labels[chunk])
 
-    out = evaluate(model, batches(), lambda x: normalize_batch(x, pre), keep_outputs=True, device=rt.device, tta=tta)
+    out = evaluate(model, batches(), lambda x: normalize_batch(x, pre), keep_outputs=True, device=rt.device, tta=tta,
+                   multi_label=multi)
     scored = {i: (p, loss) for i, p, loss in zip(mine, out.probabilities.numpy(), out.losses.tolist())}
     if rt.distributed:
         scored = {i: v for part in rt.all_gather(scored) for i, v in part.items()}
@@ -78,6 +89,8 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
             return None
     probs = np.stack([scored[i][0] for i in range(len(items))])
     loss_sum = float(np.sum(np.array([scored[i][1] for i in range(len(items))], dtype=np.float64)))
+    if multi:
+        return _multilabel_result(items, probs, labels.numpy(), loss_sum, meta, split, tta, top_n, keep_items)
     targets = np.array([label for _, label in items])
     predictions = probs.argmax(1)
     n, correct = len(items), int((predictions == targets).sum())
@@ -107,7 +120,53 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     return result
 
 
+def _multilabel_result(items, probs: np.ndarray, targets: np.ndarray, loss_sum: float, meta: dict, split: str,
+                       tta: bool, top_n: int, keep_items: bool) -> dict:
+    """A multi-label run's metrics at its stored per-class thresholds (0.5 where none are stored)."""
+    classes = meta["classes"]
+    thresholds = meta.get("thresholds") or [0.5] * len(classes)
+    report = multilabel_report(probs, targets, thresholds, classes)
+    n = len(items)
+    predicted = probs >= np.asarray(thresholds)[None, :]
+    truth = targets > 0.5
+    wrong = np.flatnonzero((predicted != truth).any(axis=1))
+    # Most confident mistakes: the wrong samples whose worst class decision was the surest.
+    sureness = np.abs(probs - np.asarray(thresholds)[None, :]) * (predicted != truth)
+    wrong = wrong[np.argsort(-sureness[wrong].max(axis=1), kind="stable")]
+
+    def names(row: np.ndarray) -> str:
+        return LABEL_SEPARATOR.join(c for c, on in zip(classes, row) if on) or "(none)"
+
+    def item(i: int) -> dict:
+        return {"path": str(items[i][0]), "true": names(truth[i]), "predicted": names(predicted[i]),
+                "probability": float(probs[i].max())}
+
+    correct = int(round(report["exact_match"] * n))
+    result = {
+        "task": "multi-label",
+        "accuracy": report["exact_match"],
+        "accuracy_ci": list(wilson_interval(correct, n)),
+        "label_accuracy": report["label_accuracy"],
+        "mAP": report["mAP"],
+        "macro_f1": report["macro_f1"],
+        "loss": loss_sum / n,
+        "n": n,
+        "correct": correct,
+        "classes": classes,
+        "thresholds": [float(t) for t in thresholds],
+        "per_class": report["per_class"],
+        "top_mistakes": [item(i) for i in wrong[:top_n]],
+        "split": split,
+        "tta": tta,
+    }
+    if keep_items:
+        result["items"] = [item(i) for i in range(n)]
+    return result
+
+
 def format_table(result: dict) -> str:
+    if result.get("task") == "multi-label":
+        return _format_multilabel(result)
     lo, hi = result["accuracy_ci"]
     n = result["n"]
     lines = [
@@ -131,4 +190,26 @@ def format_table(result: dict) -> str:
         lines += ["", "most confident mistakes"]
         for m in result["top_mistakes"]:
             lines.append(f"  {m['probability']:.3f}  {m['true']} -> {m['predicted']}  {m['path']}")
+    return "\n".join(lines)
+
+
+def _format_multilabel(result: dict) -> str:
+    lo, hi = result["accuracy_ci"]
+    n = result["n"]
+    lines = [
+        f"exact match {result['accuracy']:.4f} ({result['correct']}/{n}), 95% CI [{lo:.4f}, {hi:.4f}]: every label "
+        "of the image right",
+        f"mAP {result['mAP']:.4f}  macro F1 {result['macro_f1']:.4f}  label accuracy {result['label_accuracy']:.4f}",
+        f"loss {result['loss']:.4f} (mean per-class binary cross-entropy){'  [TTA: flip]' if result['tta'] else ''}",
+        "",
+        f"{'class':20} {'precision':>9} {'recall':>9} {'f1':>9} {'AP':>9} {'threshold':>9} {'support':>8}",
+    ]
+    for name, r in result["per_class"].items():
+        ap = f"{r['ap']:9.4f}" if r["ap"] is not None else f"{'-':>9}"
+        lines.append(f"{name:20} {r['precision']:9.4f} {r['recall']:9.4f} {r['f1']:9.4f} {ap} {r['threshold']:9.3f} "
+                     f"{r['support']:8d}")
+    if result["top_mistakes"]:
+        lines += ["", "most confident mistakes (true -> predicted label sets)"]
+        for m in result["top_mistakes"]:
+            lines.append(f"  {m['true']} -> {m['predicted']}  {m['path']}")
     return "\n".join(lines)

@@ -95,7 +95,8 @@ class Explainer:
     never touch a model that is serving predictions at the same time."""
 
     def __init__(self, model: nn.Module, classes: list[str], preprocessing: dict, method: str = "gradcam",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", multi_label: bool = False):
+        self.squash = torch.sigmoid if multi_label else (lambda x: torch.softmax(x, dim=1))
         self.model = copy.deepcopy(model).to(device).eval().float()
         for p in self.model.parameters():
             p.requires_grad_(True)  # a frozen backbone still passes gradients to the explained layer
@@ -111,7 +112,8 @@ class Explainer:
         from .runtime import resolve_device
 
         model, meta = RunFolder(run).load_model()
-        return cls(model, meta["classes"], meta["preprocessing"], method, resolve_device(device))
+        return cls(model, meta["classes"], meta["preprocessing"], method, resolve_device(device),
+                   meta.get("task") == "multi-label")
 
     def class_index(self, name: str | None) -> int | None:
         if name is None:
@@ -134,7 +136,7 @@ class Explainer:
         std = np.asarray(self.preprocessing["std"], dtype=np.float32) * 255.0
         x = torch.from_numpy(((crop.astype(np.float32) - mean) / std).transpose(2, 0, 1).copy())[None]
         with torch.no_grad():
-            probs = torch.softmax(self.model(x.to(self.device)).float(), dim=1)[0].cpu().numpy()
+            probs = self.squash(self.model(x.to(self.device)).float())[0].cpu().numpy()
         predicted = int(np.argmax(probs))
         wanted = self.class_index(class_name)
         target = predicted if wanted is None else wanted

@@ -93,9 +93,8 @@ def extract_features(
         missing = [i for i, ident in enumerate(identities) if ident not in known]
         mine = rt.shard(missing)
         computed = {}
-        batches = range(0, len(mine), batch_size)
-        for start in progress(iter(batches), len(batches), f"features view {view}"):
-            chunk = mine[start : start + batch_size]
+        chunks = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+        for chunk in progress(iter(chunks), len(chunks), f"features view {view}"):
             images = []
             for i in chunk:
                 if view == 0:

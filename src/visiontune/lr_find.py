@@ -81,7 +81,7 @@ def lr_find(data: str, steps: int = 100, start: float = 1e-6, end: float = 1.0, 
             while not curve["stop"]:
                 train_one_epoch(stage.trainable, stage.train_batches, stage.optimizer, stage.prepare, schedule,
                                 stage.frozen, device=rt.device, autocast=rt.autocast, scaler=stage.scaler,
-                                should_stop=lambda: curve["stop"], on_step=record)
+                                should_stop=lambda: curve["stop"], on_step=record, multi_label=s.multi_label)
         except NonFiniteLoss:
             pass  # diverged to inf/nan: the curve up to here is the result
     result = {"lrs": lrs, "losses": smoothed, **suggest(lrs, smoothed)}

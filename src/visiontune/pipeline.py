@@ -14,8 +14,7 @@ stage on images.
 from __future__ import annotations
 
 import math
-import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -24,10 +23,12 @@ import torch
 from torch import nn
 
 from . import backbones, checkpoint
+from .callbacks import CallbackList
 from .config import MODE_DEFAULTS, TrainConfig
-from .data import Splits, discover, train_loader, val_loader
+from .data import Splits, discover, label_tensor, train_loader, val_loader
 from .errors import DataError, UsageError
 from .features import FeatureBatches, FeatureCache, extract_features
+from .progress import progress_bar
 from .images import DecodeCache, decode_array, default_cache_dir, screen_images
 from .known.datasets import resolve_dataset
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
@@ -69,17 +70,6 @@ def default_train_size(eval_size: int) -> int:
     return max(32, int(round(eval_size * 5 / 7 / 16)) * 16)
 
 
-def progress_bar(enabled: bool):
-    from tqdm import tqdm
-
-    show = enabled and sys.stderr.isatty()
-
-    def wrap(iterable, total=None, desc=""):
-        return tqdm(iterable, total=total, desc=desc, leave=False, disable=not show, file=sys.stderr)
-
-    return wrap
-
-
 @dataclass
 class Setup:
     """Everything both stages share."""
@@ -90,12 +80,16 @@ class Setup:
     model: nn.Module
     backbone: backbones.Backbone
     weights_source: str
+    head_from_init: bool
+    """--init from a run with the same classes: the head is already trained (no linear probe)."""
     pre: Preprocessing
     decode: Callable
     cache_dir: Path
     generator: torch.Generator
     progress: Callable
     excluded: dict[str, str]
+    observers: CallbackList = field(default_factory=CallbackList)
+    """Callbacks and experiment loggers (rank 0); run_training sets them once the run folder exists."""
 
     @property
     def classes(self) -> list[str]:
@@ -110,8 +104,16 @@ class Setup:
         return self.splits.samples["val"]
 
     @property
+    def multi_label(self) -> bool:
+        return self.splits.multi_label
+
+    @property
     def train_labels(self) -> torch.Tensor:
-        return torch.tensor([y for _, y in self.train_items])
+        return label_tensor(self.train_items, len(self.classes))
+
+    @property
+    def val_labels(self) -> torch.Tensor:
+        return label_tensor(self.val_items, len(self.classes))
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return normalize_batch(images, self.pre, self.cfg.channels_last)
@@ -133,19 +135,70 @@ class Setup:
             "preprocessing": self.pre.to_json(),
             "weights_source": self.weights_source,
             "mode": self.cfg.mode,
+            "task": "multi-label" if self.multi_label else "single-label",
         }
+
+
+def _check_multi_label_settings(cfg: TrainConfig) -> None:
+    """Settings that assume one class per image, refused for a path,labels CSV."""
+    for wrong, flag, why in ((cfg.class_weights != "none", "--class-weights", "class weights need one class per image"),
+                             (cfg.sampler != "random", "--sampler", "class-balanced sampling needs one class per image"),
+                             (cfg.mixup > 0 or cfg.cutmix > 0, "--mixup/--cutmix",
+                              "mixup and cutmix mix one-class targets (--augment strong turns them on: add "
+                              "--mixup 0 --cutmix 0)")):
+        if wrong:
+            raise UsageError(f"{flag}: this data is multi-label (a path,labels CSV) and {why}; drop it.")
+
+
+def init_from_run(model: nn.Module, backbone: backbones.Backbone, cfg: TrainConfig, classes: list[str],
+                  rt: Runtime) -> tuple[str, bool]:
+    """--init RUN: load RUN's best weights into `model`; the head too when the classes are the same.
+    Returns the weights source and whether the head came along."""
+    from .images import file_identity as checkpoint_identity
+    from .runfolder import RunFolder
+
+    folder = RunFolder(cfg.init)
+    if not folder.path.is_dir():
+        raise UsageError(f"--init {cfg.init}: no such run folder; pass a folder written by `visiontune train`.")
+    meta = folder.read_model_json()
+    if meta["architecture"] != backbone.timm_name:
+        raise UsageError(f"--init {cfg.init}: was trained with --model {meta.get('backbone', meta['architecture'])}, "
+                         f"not {cfg.model}; pass --model {meta.get('backbone', meta['architecture'])} or another run.")
+    if not folder.best_weights_file.is_file():
+        raise UsageError(f"--init {cfg.init}: has no {folder.best_weights_file.name}; the run did not finish an epoch.")
+    state = folder.load_best_weights()
+    same = meta["classes"] == classes
+    if not same:
+        head = {f"{name}.{key}" for name, module in model.named_modules() if module is model.get_classifier()
+                for key in module.state_dict()}
+        state = {k: v for k, v in state.items() if k not in head}
+    model.load_state_dict(state, strict=same)
+    if not cfg.quiet and rt.is_main:
+        if same:
+            print(f"starting from {cfg.init}'s best weights: backbone and head (same classes)", flush=True)
+        else:
+            print(f"starting from {cfg.init}'s backbone with a new head: its classes ({', '.join(meta['classes'])}) "
+                  f"differ from this data's ({', '.join(classes)})", flush=True)
+    # The file's identity is part of the source: it keys the feature cache, and an extended run's
+    # best weights change.
+    return f"init:{checkpoint_identity(folder.best_weights_file)}", same
 
 
 def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = ("train", "val")) -> Setup:
     """Data (screened: bad images left out), model on its device, preprocessing, decode cache, seeds.
     `cfg` comes back in `Setup.cfg` with the image sizes filled in."""
     splits = resolve_data(cfg)
+    if splits.multi_label:
+        _check_multi_label_settings(cfg)
     backbone = backbones.resolve(cfg.model)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     generator = seed_everything(cfg.seed)
     model, weights_source = backbones.build_classifier(cfg.model, len(splits.classes),
                                                        Path(cfg.weights) if cfg.weights else None)
+    head_from_init = False
+    if cfg.init:
+        weights_source, head_from_init = init_from_run(model, backbone, cfg, splits.classes, rt)
     seed_rank(cfg.seed, rt.rank)
     pre = Preprocessing.from_data_config(backbones.data_config(model), cfg.image_size)
     # Record the sizes actually used, so config.json is complete without the backbone at hand.
@@ -168,6 +221,7 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
                             "them (visiontune doctor DATA lists all), or drop --strict to leave them out.")
         splits.samples = {s: [(p, y) for p, y in items if str(p) not in excluded] for s, items in splits.samples.items()}
     return Setup(cfg=cfg, rt=rt, splits=splits, model=model, backbone=backbone, weights_source=weights_source,
+                 head_from_init=head_from_init,
                  pre=pre, decode=decode, cache_dir=cache_dir, generator=generator, progress=progress,
                  excluded=excluded)
 
@@ -235,11 +289,12 @@ def _scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, epochs: int):
 
 
 def image_train_batches(s: Setup, transform) -> torch.utils.data.DataLoader:
-    return train_loader(s.train_items, s.decode, transform, s.cfg, s.rt, s.generator)
+    return train_loader(s.train_items, s.decode, transform, s.cfg, s.rt, s.generator,
+                        len(s.classes) if s.multi_label else 0)
 
 
 def image_val_batches(s: Setup) -> torch.utils.data.DataLoader:
-    return val_loader(s.val_items, s.decode, EvalTransform(s.pre), s.cfg, s.rt)
+    return val_loader(s.val_items, s.decode, EvalTransform(s.pre), s.cfg, s.rt, len(s.classes) if s.multi_label else 0)
 
 
 def _wrap(s: Setup, model: nn.Module) -> nn.Module:
@@ -271,8 +326,7 @@ def head_stage(s: Setup, epochs: int, lr: float) -> Stage:
         train_batches = FeatureBatches(s.features_of(s.train_items, views), labels, cfg.batch_size, s.generator,
                                        sampler=make_sampler(cfg, range(len(labels)), labels, s.generator))
         val_features = s.features_of(s.val_items, 1)[0]
-        val_labels = torch.tensor([y for _, y in s.val_items])
-        val_batches = list(zip(val_features.split(cfg.eval_batch_size), val_labels.split(cfg.eval_batch_size)))
+        val_batches = list(zip(val_features.split(cfg.eval_batch_size), s.val_labels.split(cfg.eval_batch_size)))
         steps = math.ceil(len(train_batches) / cfg.accumulate)
         return Stage("head", epochs, lr, classifier, classifier, train_batches, val_batches, lambda x: x, [],
                      optimizer, _scheduler(cfg, optimizer, steps, epochs), steps, on_features=True)

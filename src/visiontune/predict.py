@@ -67,6 +67,23 @@ class Predictor:
             probs = (probs + self.backend(np.ascontiguousarray(batch[..., ::-1]))) / 2
         return probs
 
+    @property
+    def multi_label(self) -> bool:
+        return self.meta.get("task") == "multi-label"
+
+    def describe(self, probs: np.ndarray, top_k: int = DEFAULT_TOP_K) -> dict:
+        """One image's answer from its probabilities: label, score, probs, top_k; multi-label runs add
+        `labels` (every class at or above its threshold; `label` is them joined by |, `score` the top one)."""
+        best = int(np.argmax(probs))
+        answer = {"label": self.classes[best], "score": float(probs[best]),
+                  "probs": {c: float(v) for c, v in zip(self.classes, probs)},
+                  "top_k": top_k_list(self.classes, probs, top_k)}
+        if self.multi_label:
+            thresholds = self.meta.get("thresholds") or [0.5] * len(self.classes)
+            labels = [c for c, v, t in zip(self.classes, probs, thresholds) if v >= t]
+            answer = {"labels": labels, **answer, "label": "|".join(labels)}
+        return answer
+
     def preprocess(self, item) -> np.ndarray:
         """One image (path, bytes, file object, PIL image, HWC uint8 array) -> normalised CHW float32."""
         return eval_input(item, self.preprocessing)
@@ -92,28 +109,22 @@ class Predictor:
             chunk = ready[start : start + batch_size]
             probs = self.probabilities(np.stack([x for _, x in chunk]).astype(np.float32), tta)
             for (index, _), p in zip(chunk, probs):
-                best = int(np.argmax(p))
-                results[index] = {
-                    key[index]: names[index],
-                    "label": self.classes[best],
-                    "score": float(p[best]),
-                    "probs": {c: float(v) for c, v in zip(self.classes, p)},
-                    "top_k": top_k_list(self.classes, p, top_k),
-                }
+                results[index] = {key[index]: names[index], **self.describe(p, top_k)}
         return results[0] if single else results
 
 
-def _torch_backend(model, device: str = "auto"):
+def _torch_backend(model, device: str = "auto", multi_label: bool = False):
     import torch
 
     from .runtime import resolve_device
 
     target = resolve_device(device)
     model = model.to(target).eval()
+    squash = torch.sigmoid if multi_label else (lambda x: torch.softmax(x, dim=1))
 
     def run(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return torch.softmax(model(torch.from_numpy(batch).to(target)).float(), dim=1).cpu().numpy()
+            return squash(model(torch.from_numpy(batch).to(target)).float()).cpu().numpy()
 
     return run
 
@@ -151,6 +162,22 @@ def _onnx_backend(path: Path, device: str = "cpu"):
     return (lambda batch: session.run(None, {name: batch})[0]), (json.loads(meta) if meta else None)
 
 
+def _softmax_if_logits(run, meta: dict):
+    """An exported model says whether it outputs probabilities or logits; predict always gives probabilities
+    (a sigmoid per class for a multi-label model)."""
+    if meta.get("output", "probs") == "probs":
+        return run
+
+    def probabilities(batch: np.ndarray) -> np.ndarray:
+        logits = run(batch).astype(np.float64)
+        if meta.get("task") == "multi-label":
+            return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    return probabilities
+
+
 def _sidecar(path: Path) -> dict | None:
     side = path.with_name(path.name + ".json")
     return json.loads(side.read_text()) if side.is_file() else None
@@ -166,7 +193,8 @@ def load(path: str | Path, device: str = "auto", tta: bool = False) -> Predictor
         from .runfolder import RunFolder
 
         model, meta = RunFolder(path).load_model()
-        return Predictor(meta["classes"], meta["preprocessing"], _torch_backend(model, device), f"run:{path}", meta, tta)
+        backend = _torch_backend(model, device, meta.get("task") == "multi-label")
+        return Predictor(meta["classes"], meta["preprocessing"], backend, f"run:{path}", meta, tta)
     if not path.is_file():
         raise UsageError(f"{path}: no such run folder or model file; pass a run folder or an exported .onnx/.pt file.")
     if path.suffix == ".onnx":
@@ -174,7 +202,8 @@ def load(path: str | Path, device: str = "auto", tta: bool = False) -> Predictor
         meta = meta or _sidecar(path)
         if meta is None:
             raise UsageError(f"{path}: has no visiontune metadata (classes, preprocessing); export it with `visiontune export`.")
-        return Predictor(meta["classes"], meta["preprocessing"], backend, f"onnx:{path}", meta, tta)
+        return Predictor(meta["classes"], meta["preprocessing"], _softmax_if_logits(backend, meta), f"onnx:{path}",
+                         meta, tta)
     if path.suffix in (".pt", ".ts", ".torchscript"):
         import torch
 
@@ -191,12 +220,12 @@ def load(path: str | Path, device: str = "auto", tta: bool = False) -> Predictor
         meta = json.loads(extra[f"{META_KEY}.json"]) if extra[f"{META_KEY}.json"] else _sidecar(path)
         if meta is None:
             raise UsageError(f"{path}: has no visiontune metadata; export it with `visiontune export`.")
-        # The exported module already ends in softmax.
         def run(batch: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
                 return model(torch.from_numpy(batch).to(target)).cpu().numpy()
 
-        return Predictor(meta["classes"], meta["preprocessing"], run, f"torchscript:{path}", meta, tta)
+        return Predictor(meta["classes"], meta["preprocessing"], _softmax_if_logits(run, meta), f"torchscript:{path}",
+                         meta, tta)
     raise UsageError(f"{path}: unknown model file type; pass a run folder, a .onnx or a .pt file.")
 
 

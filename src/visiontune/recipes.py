@@ -123,8 +123,8 @@ class MixBatch:
 
 
 def fit_probe(classifier: nn.Module, features: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig,
-              generator: torch.Generator, val_features: torch.Tensor, val_labels: torch.Tensor
-              ) -> tuple[EpochStats, EvalOutput]:
+              generator: torch.Generator, val_features: torch.Tensor, val_labels: torch.Tensor,
+              multi_label: bool = False) -> tuple[EpochStats, EvalOutput]:
     """Linear probe: fit the new head on frozen-backbone features before fine-tuning (LP-FT).
 
     The probe is fixed mode's head stage exactly (its optimizer, lr, epochs, batch order and choice
@@ -146,8 +146,9 @@ def fit_probe(classifier: nn.Module, features: torch.Tensor, labels: torch.Tenso
     best = None
     for _ in range(head["epochs"]):
         train_stats = train_one_epoch(classifier, batches, optimizer, scheduler=scheduler,
-                                      label_smoothing=cfg.label_smoothing, device=device)
-        val_stats = evaluate(classifier, val_batches, label_smoothing=cfg.label_smoothing, device=device)
+                                      label_smoothing=cfg.label_smoothing, device=device, multi_label=multi_label)
+        val_stats = evaluate(classifier, val_batches, label_smoothing=cfg.label_smoothing, device=device,
+                             multi_label=multi_label)
         if best is None or is_better(val_stats.accuracy, val_stats.loss, (best[1].accuracy, best[1].loss)):
             best = (train_stats, val_stats, {k: v.detach().clone() for k, v in classifier.state_dict().items()})
     classifier.load_state_dict(best[2])

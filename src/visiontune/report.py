@@ -50,7 +50,8 @@ def _curves(rows: list[dict], best_epoch: int) -> str:
     return url
 
 
-def _confusion(matrix: list[list[int]], classes: list[str]) -> str:
+def confusion_figure(matrix: list[list[int]], classes: list[str]):
+    """A matplotlib figure of the confusion matrix (rows true, columns predicted), counts in the cells."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,6 +71,33 @@ def _confusion(matrix: list[list[int]], classes: list[str]) -> str:
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (val)")
     fig.tight_layout()
+    return fig
+
+
+def mistakes_figure(items: list[dict], columns: int = 4):
+    """A grid of the given val mistakes: the image, its true and predicted class and the probability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, -(-len(items) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item in zip(axes.flat, items):
+        ax.imshow(decode_rgb(item["path"], short_side=160))
+        ax.set_title(f"true {item['true']}\npredicted {item['predicted']} ({item['probability']:.2f})", fontsize=9)
+    if not items:
+        axes.flat[0].text(0.5, 0.5, "no mistakes on the val split", ha="center", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def _confusion(matrix: list[list[int]], classes: list[str]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(matrix, classes)
     url = _png(fig)
     plt.close(fig)
     return url
@@ -120,6 +148,40 @@ figure.pair{grid-column:span 2}figure.pair img{width:50%;display:inline-block;ve
 """
 
 
+def _summary(result: dict, meta: dict, rows: list[dict]) -> str:
+    lo, hi = result["accuracy_ci"]
+    n = result["n"]
+    best = f"<div class='card'>best epoch<b>{meta.get('best_epoch', '?')}</b><span class='muted'>of {len(rows)}</span></div>"
+    if result.get("task") == "multi-label":
+        return (f"<div class='cards'><div class='card'>val mAP<b>{result['mAP']:.4f}</b><span class='muted'>mean "
+                f"average precision over classes</span></div><div class='card'>exact match<b>{result['accuracy']:.4f}"
+                f"</b><span class='muted'>95% CI {lo:.3f}-{hi:.3f}; every label right on {result['correct']}/{n} "
+                f"images</span></div><div class='card'>val loss<b>{result['loss']:.4f}</b><span class='muted'>mean "
+                f"per-class binary cross-entropy</span></div>{best}</div>")
+    return (f"<div class='cards'><div class='card'>val accuracy<b>{result['accuracy']:.4f}</b><span class='muted'>"
+            f"95% CI {lo:.3f}-{hi:.3f}; {result['correct']}/{n} images, one image = {100 / n:.2f} points</span></div>"
+            f"<div class='card'>val loss<b>{result['loss']:.4f}</b><span class='muted'>mean per-sample cross-entropy"
+            f"</span></div>{best}</div>")
+
+
+def _per_class(result: dict, classes: list[str]) -> str:
+    if result.get("task") == "multi-label":
+        def ap(r: dict) -> str:
+            return "-" if r["ap"] is None else f"{r['ap']:.4f}"  # no positive in val: undefined
+
+        rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{r['precision']:.4f}</td><td>{r['recall']:.4f}</td>"
+                       f"<td>{r['f1']:.4f}</td><td>{ap(r)}</td><td>{r['threshold']:.3f}</td><td>{r['support']}</td></tr>"
+                       for c, r in result["per_class"].items())
+        return ("<h2>Per class (val, at each class's threshold chosen on val)</h2><table><tr><th>class</th>"
+                "<th>precision</th><th>recall</th><th>F1</th><th>AP</th><th>threshold</th><th>support</th></tr>"
+                f"{rows}</table>")
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{r['precision']:.4f}</td><td>{r['recall']:.4f}</td>"
+                   f"<td>{r['f1']:.4f}</td><td>{r['support']}</td></tr>" for c, r in result["per_class"].items())
+    return ("<h2>Per class (val)</h2><table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
+            f"<th>support</th></tr>{rows}</table>"
+            f"<img class='plot' src='{_confusion(result['confusion_matrix'], classes)}' alt='confusion matrix'>")
+
+
 def write_report(run: str | Path, max_images: int = 16) -> Path:
     folder = RunFolder(run)
     run = folder.path
@@ -131,7 +193,6 @@ def write_report(run: str | Path, max_images: int = 16) -> Path:
     mistakes = sorted((i for i in result["items"] if i["true"] != i["predicted"]), key=lambda i: -i["probability"])
     correct = sorted((i for i in result["items"] if i["true"] == i["predicted"]), key=lambda i: -i["probability"])
     counts = config["data"]["counts"]
-    lo, hi = result["accuracy_ci"]
     settings = config["config"]
     shown = ["mode", "model", "epochs", "batch_size", "lr", "optimizer", "schedule", "bn", "head_init",
              "train_size", "label_smoothing", "seed"]
@@ -139,11 +200,7 @@ def write_report(run: str | Path, max_images: int = 16) -> Path:
 <style>{STYLE}</style></head><body>
 <h1>{html.escape(run.name)}</h1>
 <p class="muted">{html.escape(meta['backbone'])} ({html.escape(meta['architecture'])}), weights {html.escape(meta['weights_source'])}; data {html.escape(config['data']['root'])} ({html.escape(config['data']['layout'])})</p>
-<div class="cards">
-<div class="card">val accuracy<b>{result['accuracy']:.4f}</b><span class="muted">95% CI {lo:.3f}-{hi:.3f}; {result['correct']}/{result['n']} images, one image = {100 / result['n']:.2f} points</span></div>
-<div class="card">val loss<b>{result['loss']:.4f}</b><span class="muted">mean per-sample cross-entropy</span></div>
-<div class="card">best epoch<b>{meta.get('best_epoch', '?')}</b><span class="muted">of {len(rows)}</span></div>
-</div>
+{_summary(result, meta, rows)}
 <h2>Data</h2>
 <table><tr><th>split</th>{''.join(f'<th>{html.escape(c)}</th>' for c in classes)}<th>total</th></tr>
 {''.join(f"<tr><td>{s}</td>{''.join(f'<td>{counts[s].get(c, 0)}</td>' for c in classes)}<td>{sum(counts[s].values())}</td></tr>" for s in counts)}
@@ -151,11 +208,7 @@ def write_report(run: str | Path, max_images: int = 16) -> Path:
 <h2>Settings</h2>
 <table>{''.join(f'<tr><td>{k}</td><td>{html.escape(str(settings.get(k)))}</td></tr>' for k in shown if k in settings)}</table>
 <h2>Training curves</h2><img class="plot" src="{_curves(rows, int(meta.get('best_epoch', 1)))}" alt="training curves">
-<h2>Per class (val)</h2>
-<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>
-{''.join(f"<tr><td>{html.escape(c)}</td><td>{r['precision']:.4f}</td><td>{r['recall']:.4f}</td><td>{r['f1']:.4f}</td><td>{r['support']}</td></tr>" for c, r in result['per_class'].items())}
-</table>
-<img class="plot" src="{_confusion(result['confusion_matrix'], classes)}" alt="confusion matrix">
+{_per_class(result, classes)}
 <h2>Mistakes ({len(mistakes)}), most confident first</h2>
 <p class="muted">Beside each mistake, the Grad-CAM heatmap of the predicted class: where the model found its evidence (red = most).</p>
 {_grid(mistakes[:max_images], "No mistakes on the val split.", _heatmaps(run, mistakes[:max_images]))}

@@ -7,6 +7,7 @@
       last.ckpt          resumable state (weights_only)    splits/<split>.csv   the images of each split
       excluded.csv       unreadable images left out        duplicates.csv   files identical across splits
       auto.json          --mode auto's decision            report.html, model.onnx, model.pt   on request
+      tensorboard/       event files (--log tensorboard, the default)
 
 Formats (atomic writes, safetensors, pickle-free checkpoints) live in checkpoint.py; this module says
 which file is which, so that train, resume, eval, report, export and predict agree on one layout.
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .data import label_name, parse_label
 from .errors import UsageError
 
 METRICS_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "stage"]
@@ -124,28 +126,33 @@ class RunFolder:
     # --- data records -------------------------------------------------------------------------------
 
     def write_splits(self, samples: dict[str, list[tuple[Path, int]]], classes: list[str]) -> None:
+        """splits/<split>.csv: path,label, or path,labels (joined by |) for a multi-label run."""
         for split, items in samples.items():
             path = self.split_file(split)
             path.parent.mkdir(parents=True, exist_ok=True)
+            multi = bool(items) and isinstance(items[0][1], tuple)
             with path.open("w", newline="") as f:
                 writer = csv.writer(f)
-                writer.writerow(["path", "label"])
-                writer.writerows([str(p), classes[label]] for p, label in items)
+                writer.writerow(["path", "labels" if multi else "label"])
+                writer.writerows([str(p), label_name(classes, label)] for p, label in items)
 
     def read_split(self, split: str, classes: list[str]) -> list[tuple[Path, int]]:
-        """The run's own `split` as (path, class index) pairs."""
+        """The run's own `split` as (path, class index) pairs (a tuple of indices for multi-label)."""
         path = self.split_file(split)
         if not path.is_file():
             raise UsageError(f"--split {split}: RUN {self.path} has no {split} split; pass DATA or use --split val.")
         with path.open(newline="") as f:
-            return [(Path(row["path"]), classes.index(row["label"])) for row in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            multi = "labels" in (reader.fieldnames or [])
+            return [(Path(row["path"]), parse_label(classes, row["labels" if multi else "label"], multi))
+                    for row in reader]
 
     def check_same_splits(self, samples: dict[str, list[tuple[Path, int]]], classes: list[str]) -> None:
         """--resume: refuse data whose images differ from those the run started with."""
         for split, items in samples.items():
             with self.split_file(split).open(newline="") as f:
-                recorded = [(row["path"], row["label"]) for row in csv.DictReader(f)]
-            if recorded != [(str(p), classes[y]) for p, y in items]:
+                recorded = [(row["path"], row.get("label", row.get("labels"))) for row in csv.DictReader(f)]
+            if recorded != [(str(p), label_name(classes, y)) for p, y in items]:
                 raise UsageError(f"--resume {self.path}: the {split} images differ from those the run started "
                                  "with; restore the data or start a new run.")
 
@@ -160,7 +167,7 @@ class RunFolder:
             writer = csv.writer(f)
             writer.writerow(["group", "split", "label", "path"])
             for number, group in enumerate(groups, start=1):
-                writer.writerows([number, split, classes[label], str(path)] for split, path, label in group)
+                writer.writerows([number, split, label_name(classes, label), str(path)] for split, path, label in group)
 
     def write_auto_decision(self, decision: dict) -> None:
         checkpoint.write_json(self.auto_decision_file, decision)

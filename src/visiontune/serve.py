@@ -5,6 +5,7 @@
     GET  /model     classes, backbone, preprocessing, the run's metrics, the server's settings
     POST /predict   multipart field `file` (repeatable), or JSON {"image": b64} / {"images": [b64, ...]}
                     -> {"predictions": [{"filename", "label", "score", "top_k": [{"label", "score"}]}]}
+                    (a multi-label model adds "labels": every class at or above its threshold)
                     ?heatmap=true adds a PNG data URL per image (run folders); ?top_k=N
 
 Images from requests that arrive within `batch_window_ms` of each other are classified as one
@@ -32,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from .config import DEFAULT_TOP_K
 from .errors import UsageError
-from .predict import Predictor, load, top_k_list
+from .predict import Predictor, load
 
 
 class BodyTooLarge(Exception):
@@ -324,9 +325,9 @@ def create_app(model: str | Path, device: str = "auto", tta: bool = False, top_k
         probs = await batcher.classify(arrays)
         predictions = []
         for (name, data), p in zip(images, probs):
-            best = int(np.argmax(p))
-            row = {"filename": name, "label": predictor.classes[best], "score": float(p[best]),
-                   "top_k": top_k_list(predictor.classes, p, top_k)}
+            answer = predictor.describe(p, top_k)
+            answer.pop("probs")
+            row = {"filename": name, **answer}
             if heatmap:
                 if not can_explain:
                     row["heatmap_error"] = "heatmaps need a run folder (served from an exported file: no gradients)."

@@ -12,11 +12,13 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from . import checkpoint, runtime
+from .callbacks import CallbackList, EpochEnd, RunEnd, StepEnd, frozen, loggers_for
 from .runtime import seed_rank
 from .config import TrainConfig, parse_duration
 from .data import cross_split_duplicates
@@ -46,33 +48,70 @@ class Run:
     """--mode auto: the plan it chose, in one line."""
 
 
-def train(data: str | Path, **settings) -> Run:
+def train(data: str | Path, callbacks: Sequence = (), **settings) -> Run:
     """Fine-tune (mode="finetune"), train a new head on a fixed backbone (mode="fixed"), both in turn
     (mode="staged"), or let the budget decide (mode="auto").
 
     `settings` are the fields of `TrainConfig` (epochs, lr, batch_size, model, out, seed, ...).
+    `callbacks`: observers with on_step_end / on_epoch_end / on_run_end (see visiontune.callbacks).
     """
     unknown = set(settings) - set(TrainConfig.field_names())
     if unknown:
         raise UsageError(f"train() got unknown setting(s) {', '.join(sorted(unknown))}; see visiontune.TrainConfig.")
-    return run_training(TrainConfig(data=str(data), **settings).resolved())
+    return run_training(TrainConfig(data=str(data), **settings).resolved(), callbacks=callbacks)
 
 
-def resume(run_dir: str | Path, quiet: bool = False) -> Run:
+RESUME_OVERRIDES = ("device", "threads", "workers", "cache_dir")
+"""Settings a resumed run may change: where and how it runs, not what it trains."""
+
+
+def resume(run_dir: str | Path, quiet: bool = False, epochs: int | None = None, callbacks: Sequence = (),
+           **where) -> Run:
     """Continue a run from its last.ckpt; the result equals the uninterrupted run (on CPU, bitwise).
 
-    The number of processes may differ from the interrupted run's (checkpoints hold no per-rank state).
+    With `epochs` above the run's own, a run (finished or not) is extended to that many epochs of
+    its last stage: the learning-rate schedule is re-planned over the new total, and training goes
+    on from the last epoch's weights and optimizer state. The number of processes may differ from
+    the interrupted run's (checkpoints hold no per-rank state). `where`: RESUME_OVERRIDES.
     """
+    unknown = set(where) - set(RESUME_OVERRIDES)
+    if unknown:
+        raise UsageError(f"resume() got setting(s) {', '.join(sorted(unknown))}; a resumed run keeps its own, "
+                         f"except {', '.join(RESUME_OVERRIDES)}.")
     folder = RunFolder(run_dir)
     if not folder.config_file.is_file() or not folder.last_checkpoint_file.is_file():
         raise UsageError(f"--resume {folder}: has no {folder.config_file.name} and {folder.last_checkpoint_file.name}; "
                          "pass a run folder written by `visiontune train`.")
-    settings = folder.read_config()["config"]
-    cfg = TrainConfig(**{**settings, "out": str(folder.path), "quiet": quiet or settings.get("quiet", False)})
+    record = folder.read_config()
+    settings = record["config"]
+    cfg = TrainConfig(**{**settings, **where, "out": str(folder.path), "quiet": quiet or settings.get("quiet", False)})
     state = folder.load_last()
-    if state.get("finished"):
-        raise UsageError(f"--resume {folder}: the run already finished all its epochs.")
-    return run_training(cfg.resolved(), resume_state=state)
+    if epochs is not None and epochs != cfg.epochs:
+        _extend(folder, record, cfg, state, epochs)
+        cfg = replace(cfg, epochs=epochs)
+    elif state.get("finished"):
+        raise UsageError(f"--resume {folder}: the run already finished all its {cfg.epochs} epochs; add --epochs N "
+                         f"(more than {cfg.epochs}) to extend it.")
+    return run_training(cfg.resolved(), resume_state=state, callbacks=callbacks)
+
+
+def _extend(folder: RunFolder, record: dict, cfg: TrainConfig, state: dict, epochs: int) -> None:
+    """Plan a longer run: refuse what cannot be extended, else rewrite config.json and say how."""
+    if not isinstance(epochs, int) or epochs < cfg.epochs:
+        raise UsageError(f"--epochs {epochs}: --resume {folder} can extend the run beyond its {cfg.epochs} epochs, "
+                         "not shorten it; pass a larger number.")
+    if cfg.mode == "auto":
+        raise UsageError(f"--resume {folder} --epochs {epochs}: --mode auto plans its epochs to its --budget; start "
+                         f"a new run from this one with --init {folder} instead.")
+    stage = "head" if cfg.mode == "fixed" else "full"
+    state["finished"] = False
+    record["config"]["epochs"] = epochs
+    if runtime.env_world()[0] == 0:
+        folder.write_config(record)
+    if runtime.env_world()[0] == 0:  # on stderr, as warnings are: the schedule changes, even with --quiet
+        print(f"note: extending {folder} from {cfg.epochs} to {epochs} {stage}-stage epochs: the {cfg.schedule or 'default'} "
+              f"learning-rate schedule is re-planned over {epochs} epochs, and training continues from epoch "
+              f"{state['epoch']}'s weights and optimizer state", file=sys.stderr, flush=True)
 
 
 class Interrupted(VisiontuneError):
@@ -98,6 +137,8 @@ class LoopState:
     plan: dict = field(default_factory=dict)
     """--mode auto's decision, once made."""
     finished: bool = False
+    steps: int = 0
+    """Optimizer steps taken over the whole run (the x axis of per-step logs)."""
     best_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     """The best epoch's weights in memory (on disk: best.safetensors); not in last.ckpt."""
     started: float = field(default_factory=time.perf_counter)
@@ -114,20 +155,23 @@ class LoopState:
                 # fp16's loss scale: a resumed run must not start again from 65536 and skip steps.
                 "scaler": stage.scaler.state_dict() if stage is not None and stage.scaler is not None else None,
                 "rng": checkpoint.rng_state(generator), "metrics": self.metrics, "plan": self.plan,
-                "finished": self.finished, "best": self.best, "seconds": self.seconds}
+                "finished": self.finished, "best": self.best, "seconds": self.seconds, "steps": self.steps}
 
     @classmethod
     def from_checkpoint(cls, state: dict) -> "LoopState":
         return cls(epoch=state["epoch"], metrics=list(state["metrics"]), plan=dict(state.get("plan") or {}),
                    best=tuple(state["best"]) if state["best"] is not None else None,
-                   started=time.perf_counter() - float(state.get("seconds", 0.0)))
+                   started=time.perf_counter() - float(state.get("seconds", 0.0)), steps=int(state.get("steps", 0)))
 
 
-def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
+def run_training(cfg: TrainConfig, resume_state: dict | None = None, callbacks: Sequence = ()) -> Run:
     """Set up, restore, fit each stage in turn (an early stop ends them all), finish."""
     started = time.perf_counter()
     s = build_setup(cfg, runtime.start(cfg.device, cfg.precision, cfg.deterministic))
     folder = _open_run_folder(s, resuming=resume_state is not None)
+    # Observers (the user's, then the loggers) run on rank 0 only: they see what rank 0 writes.
+    s = replace(s, observers=CallbackList(list(callbacks) + loggers_for(cfg.log, folder.path, cfg.to_json()))
+                if s.rt.is_main else CallbackList())
     loop = _restore(s, folder, resume_state) if resume_state is not None else LoopState(started=started)
     if s.rt.is_main:
         folder.write_metrics(loop.metrics)  # on resume: drops any row of an epoch that did not finish
@@ -150,7 +194,11 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None) -> Run:
     loop.finished = True
     _save_last(s, folder, loop, stage)
     s.rt.barrier()  # no rank leaves before rank 0 has written the run's last file
-    return _finish(s, folder, loop)
+    run = _finish(s, folder, loop)
+    s.observers.call("on_run_end", RunEnd(str(folder.path), tuple(run.classes), run.best_epoch, run.best_val_acc,
+                                          run.best_val_loss, tuple(frozen(r) for r in loop.metrics),
+                                          frozen(s.cfg.to_json()), run.seconds))
+    return run
 
 
 def _open_run_folder(s: Setup, resuming: bool) -> RunFolder:
@@ -188,7 +236,8 @@ def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: 
                resume_state: dict | None) -> tuple[Stage, bool]:
     """Train one stage from loop.epoch to offset + epochs; returns the stage and whether it stopped early."""
     cfg = s.cfg
-    if name == "full" and cfg.mode == "finetune" and cfg.head_init == "probe" and loop.epoch == 0:
+    if name == "full" and cfg.mode == "finetune" and cfg.head_init == "probe" and loop.epoch == 0 \
+            and not s.head_from_init:
         # Epoch 0: the linear probe, a frozen-backbone model in its own right. It is logged and
         # competes for best like any epoch, so fine-tuning can only add to it, never take away.
         _record(s, folder, loop, probe_row(s))
@@ -202,7 +251,7 @@ def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: 
         stage.fast_forward(loop.epoch - offset, cfg)
     class_weights = class_weights_for(s)
     for epoch in range(loop.epoch + 1, offset + epochs + 1):
-        _record(s, folder, loop, _epoch_row(s, folder, stage, epoch, offset, stop, class_weights))
+        _record(s, folder, loop, _epoch_row(s, folder, loop, stage, epoch, offset, stop, class_weights))
         loop.epoch = epoch
         _save_last(s, folder, loop, stage)
         if cfg.patience is not None and epoch - loop.best[0] >= cfg.patience:
@@ -211,19 +260,28 @@ def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: 
     return stage, False
 
 
-def _epoch_row(s: Setup, folder: RunFolder, stage: Stage, epoch: int, offset: int, stop,
+def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch: int, offset: int, stop,
                class_weights: torch.Tensor | None) -> dict:
     """One epoch of `stage`: train, then evaluate; its metrics row."""
     cfg, rt = s.cfg, s.rt
     epoch_start = time.perf_counter()
     reduce = (lambda v: v) if stage.on_features else rt.all_reduce_sum
+
+    def on_step(loss: torch.Tensor) -> None:
+        loop.steps += 1
+        if observe_steps:  # .item() waits for the device: only paid when someone watches steps
+            lr = max(group["lr"] for group in stage.optimizer.param_groups)
+            s.observers.call("on_step_end", StepEnd(epoch, loop.steps, stage.name, float(loss.item()), lr))
+
+    observe_steps = s.observers.wants("on_step_end")
     try:
         train_stats: EpochStats = train_one_epoch(
             stage.trainable, s.progress(stage.train_batches, len(stage.train_batches), f"epoch {epoch} train"),
             stage.optimizer, stage.prepare, stage.scheduler, stage.frozen, class_weights=class_weights,
             label_smoothing=cfg.label_smoothing, should_stop=stop.requested, accumulate=cfg.accumulate,
             device=rt.device, mix=stage.mix, autocast=rt.autocast, scaler=stage.scaler,
-            no_sync=getattr(stage.trainable, "no_sync", None), reduce=reduce)
+            no_sync=getattr(stage.trainable, "no_sync", None), reduce=reduce, on_step=on_step,
+            multi_label=s.multi_label)
     except NonFiniteLoss as exc:
         raise Diverged(
             f"training stopped: the loss became {exc.value} at epoch {epoch}, step {exc.step}; likely a learning "
@@ -238,7 +296,7 @@ def _epoch_row(s: Setup, folder: RunFolder, stage: Stage, epoch: int, offset: in
     eval_model = stage.module if stage.on_features else fold_batchnorm(stage.module, s.pre.size)
     val_stats = evaluate(eval_model, s.progress(stage.val_batches, len(stage.val_batches), f"epoch {epoch} val"),
                          stage.prepare, label_smoothing=cfg.label_smoothing, device=rt.device,
-                         autocast=rt.autocast, reduce=reduce)
+                         autocast=rt.autocast, reduce=reduce, multi_label=s.multi_label)
     del eval_model
     return {"epoch": epoch, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
             "val_loss": val_stats.loss, "val_acc": val_stats.accuracy,
@@ -258,17 +316,39 @@ def _record(s: Setup, folder: RunFolder, loop: LoopState, row: dict) -> None:
         if s.rt.is_main:
             folder.save_best(loop.best_weights, {**s.model_meta(), "best_epoch": row["epoch"],
                                                  "val_acc": row["val_acc"], "val_loss": row["val_loss"]})
+    s.observers.call("on_epoch_end", EpochEnd(row["epoch"], row["stage"], frozen(row),
+                                              len(s.train_items) / max(row["seconds"], 1e-9), loop.best[0],
+                                              str(folder.path)))
 
 
 def _finish(s: Setup, folder: RunFolder, loop: LoopState) -> Run:
     """The run's result is the best epoch's weights, not the last epoch's."""
     s.model.load_state_dict(loop.best_weights)
     s.model.eval()
+    if s.multi_label:
+        _store_thresholds(s, folder)
     best_epoch, best_acc, best_loss = loop.best
     _say(s, f"best epoch {best_epoch}: val acc {best_acc:.4f} (val loss {best_loss:.4f}); run folder {folder}")
     return Run(path=folder.path, config=s.cfg, classes=s.classes, metrics=loop.metrics, best_epoch=best_epoch,
                best_val_acc=best_acc, best_val_loss=best_loss, model=s.model,
                seconds=loop.seconds, decision=loop.plan.get("decision"))
+
+
+def _store_thresholds(s: Setup, folder: RunFolder) -> None:
+    """Multi-label: per-class decision thresholds with the best F1 on val, for the best weights, in
+    model.json (predict, eval, export and serve use them; 0.5 is rarely right for a rare class)."""
+    from .metrics import choose_thresholds
+    from .pipeline import image_val_batches
+
+    out = evaluate(fold_batchnorm(s.model, s.pre.size), image_val_batches(s), s.prepare, keep_outputs=True,
+                   device=s.rt.device, autocast=s.rt.autocast, multi_label=True)
+    parts = s.rt.all_gather((out.probabilities.numpy(), out.targets.numpy()))
+    if s.rt.is_main:
+        import numpy as np
+
+        thresholds = choose_thresholds(np.concatenate([p for p, _ in parts]), np.concatenate([t for _, t in parts]))
+        meta = folder.read_model_json()
+        checkpoint.write_json(folder.model_json_file, {**meta, "thresholds": thresholds})
 
 
 def _say(s: Setup, message: str) -> None:
@@ -450,9 +530,8 @@ def probe_row(s: Setup) -> dict:
     """
     start = time.perf_counter()
     cfg, classifier = s.cfg, s.model.get_classifier()
-    val_labels = torch.tensor([y for _, y in s.val_items])
     train_stats, val_stats = fit_probe(classifier, s.features_of(s.train_items, 1), s.train_labels, cfg, s.generator,
-                                       s.features_of(s.val_items, 1)[0], val_labels)
+                                       s.features_of(s.val_items, 1)[0], s.val_labels, s.multi_label)
     return {"epoch": 0, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
             "val_loss": val_stats.loss, "val_acc": val_stats.accuracy, "lr": 0.0,
             "seconds": time.perf_counter() - start, "stage": "probe"}
