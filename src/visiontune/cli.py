@@ -190,6 +190,15 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from .shards import write_shards
+
+    manifest = write_shards(args.data, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
+                            seed=args.seed)
+    print(f"wrote {manifest}; train from it with: visiontune train {args.out}")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
@@ -244,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=float, default=1.0)
     p.add_argument("--out", help="new or empty folder for lr_find.png (default runs/<data>-lr-find[-N])")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N, as for train")
+
+    p = sub.add_parser("shard", help="write DATA as WebDataset tar shards to train from")
+    p.add_argument("data", metavar="DATA", help="a folder, CSV or known data set, as for train")
+    p.add_argument("out", metavar="OUT", help="a new folder for the shards and their manifest")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard (default 1000)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="as for train, when DATA has no val split")
+    p.add_argument("--seed", type=int, default=0, help="as for train, when DATA has no val split")
 
     p = sub.add_parser("doctor", help="check every image file and report problems")
     p.add_argument("data", metavar="DATA")
@@ -304,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"train": _cmd_train, "models": _cmd_models, "datasets": _cmd_datasets, "eval": _cmd_eval,
             "report": _cmd_report, "doctor": _cmd_doctor, "lr-find": _cmd_lr_find, "predict": _cmd_predict,
-            "explain": _cmd_explain, "serve": _cmd_serve, "export": _cmd_export}
+            "explain": _cmd_explain, "serve": _cmd_serve, "export": _cmd_export, "shard": _cmd_shard}
 
 
 def _print_error(exc: VisiontuneError) -> None:

@@ -51,7 +51,7 @@ class Splits:
     root: Path
     classes: list[str]
     samples: dict[str, list[tuple[Path, int]]]
-    layout: str  # "folders", "class-folders" or "csv"
+    layout: str  # "folders", "class-folders", "csv" or "shards"
     auto_split: dict = field(default_factory=dict)  # how val was made, when it was
     split_folders: dict[str, str] = field(default_factory=dict)  # split -> folder name, for the split layout
     multi_label: bool = False
@@ -65,7 +65,8 @@ class Splits:
 
     def describe(self) -> str:
         """The layout as understood, for a person to check before training: splits, classes, counts."""
-        kinds = {"folders": "split folders", "class-folders": "class folders (no split folders)", "csv": "CSV"}
+        kinds = {"folders": "split folders", "class-folders": "class folders (no split folders)", "csv": "CSV",
+                 "shards": "WebDataset shards"}
         lines = [f"{self.root}: {kinds[self.layout]}, {len(self.classes)} classes"
                  + (" (multi-label: an image counts once under each of its labels)" if self.multi_label else "")]
         counts = self.counts()
@@ -267,6 +268,10 @@ def discover(data: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Spli
         if root.suffix.lower() != ".csv":
             raise UsageError(f"DATA {root}: is a file but not a .csv; pass a folder of class folders or a path,label CSV.")
         splits = _from_csv(root, val_fraction, seed)
+    elif (root / "visiontune-shards.json").is_file():
+        from .shards import read_shards
+
+        splits = read_shards(root)
     else:
         layout = find_layout(root)
         if layout.split_folders:

@@ -61,6 +61,8 @@ def open_image(source) -> tuple[Image.Image, bool]:
                              f"{source.dtype} {'x'.join(map(str, source.shape))}")
         array = source[..., 0] if source.ndim == 3 and source.shape[2] == 1 else source
         return Image.fromarray(np.ascontiguousarray(array)), True
+    if hasattr(source, "read_bytes") and not isinstance(source, (str, Path)):  # a member of a tar shard
+        source = source.read_bytes()
     if isinstance(source, (bytes, bytearray, memoryview)):
         if not len(source):
             raise ValueError("the image is empty (0 bytes)")
@@ -106,6 +108,8 @@ def decode_array(source, short_side: int, interpolation: str = "bicubic") -> np.
 
 def file_identity(path: str | Path) -> str:
     """What makes a cached result of this file valid: its absolute path, size and mtime."""
+    if hasattr(path, "identity"):  # a member of a tar shard: the shard's, plus the member's name
+        return path.identity()
     p = Path(path)
     st = p.stat()
     return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"

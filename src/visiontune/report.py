@@ -10,6 +10,7 @@ from pathlib import Path
 from .evaluation import evaluate_run
 from .images import decode_rgb
 from .runfolder import RunFolder
+from .shards import sample_path
 
 
 def _png(fig) -> str:
@@ -19,7 +20,7 @@ def _png(fig) -> str:
 
 
 def _thumbnail(path: str, size: int = 180) -> str:
-    image = decode_rgb(path, short_side=size)
+    image = decode_rgb(sample_path(path), short_side=size)
     w, h = image.size
     left, top = (w - size) // 2, (h - size) // 2
     buffer = io.BytesIO()
@@ -86,7 +87,7 @@ def mistakes_figure(items: list[dict], columns: int = 4):
     for ax in axes.flat:
         ax.axis("off")
     for ax, item in zip(axes.flat, items):
-        ax.imshow(decode_rgb(item["path"], short_side=160))
+        ax.imshow(decode_rgb(sample_path(item["path"]), short_side=160))
         ax.set_title(f"true {item['true']}\npredicted {item['predicted']} ({item['probability']:.2f})", fontsize=9)
     if not items:
         axes.flat[0].text(0.5, 0.5, "no mistakes on the val split", ha="center", va="center")
@@ -114,7 +115,7 @@ def _heatmaps(run: Path, items: list[dict]) -> dict[str, str]:
         explainer = Explainer.from_run(run, device="cpu")
     except UsageError:  # a backbone without a spatial feature map: the page shows the images only
         return {}
-    return {item["path"]: png_data_url(explainer.explain(item["path"]).overlay()) for item in items}
+    return {item["path"]: png_data_url(explainer.explain(sample_path(item["path"])).overlay()) for item in items}
 
 
 def _grid(items: list[dict], empty: str, heatmaps: dict[str, str] | None = None) -> str:

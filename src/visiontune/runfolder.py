@@ -24,6 +24,7 @@ from torch import nn
 
 from . import checkpoint
 from .data import label_name, parse_label
+from .shards import sample_path
 from .errors import UsageError
 
 METRICS_HEADER = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "stage"]
@@ -144,7 +145,7 @@ class RunFolder:
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
             multi = "labels" in (reader.fieldnames or [])
-            return [(Path(row["path"]), parse_label(classes, row["labels" if multi else "label"], multi))
+            return [(sample_path(row["path"]), parse_label(classes, row["labels" if multi else "label"], multi))
                     for row in reader]
 
     def check_same_splits(self, samples: dict[str, list[tuple[Path, int]]], classes: list[str]) -> None:
