@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from collections.abc import Mapping
 
 LOGGERS = ("tensorboard", "mlflow", "none")
 
@@ -119,15 +119,21 @@ class TensorBoardLogger:
     def on_run_end(self, run: RunEnd) -> None:
         from .evaluation import evaluate_run
         from .report import confusion_figure, mistakes_figure
+        from .runtime import env_world
 
+        self.writer.add_text("run", f"best epoch {run.best_epoch}: val acc {run.best_val_acc:.4f}, val loss "
+                                    f"{run.best_val_loss:.4f}; {run.seconds:.1f}s", run.best_epoch)
+        if env_world()[2] > 1:
+            # Under torchrun only rank 0 observes, and evaluate_run would wait for the other ranks to
+            # share the val images: the figures are left to `visiontune report RUN`.
+            self.writer.close()
+            return
         result = evaluate_run(run.run_dir, keep_items=True, device=str(run.config.get("device", "auto")))
         if "confusion_matrix" in result:  # one class per image
             self.writer.add_figure("val/confusion_matrix",
                                    confusion_figure(result["confusion_matrix"], list(run.classes)), run.best_epoch)
         mistakes = sorted((i for i in result["items"] if i["true"] != i["predicted"]), key=lambda i: -i["probability"])
         self.writer.add_figure("val/mistakes", mistakes_figure(mistakes[:16]), run.best_epoch)
-        self.writer.add_text("run", f"best epoch {run.best_epoch}: val acc {run.best_val_acc:.4f}, val loss "
-                                    f"{run.best_val_loss:.4f}; {run.seconds:.1f}s", run.best_epoch)
         self.writer.close()
 
 
