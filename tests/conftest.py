@@ -18,6 +18,18 @@ HYMENOPTERA = (REPO / ".." / "shared" / "data" / "hymenoptera_data").resolve()
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+# Prepended to a `python -c` script: any import of torch, torchvision or timm fails, so the script
+# shows that what it runs (ONNX predict, ONNX serving) needs none of them.
+WITHOUT_TORCH = (
+    "import sys\n"
+    "class NoTorch:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.') or name in ('torchvision', 'timm'):\n"
+    "            raise ImportError('torch is blocked in this test')\n"
+    "sys.meta_path.insert(0, NoTorch())\n"
+)
+
+
 def approx_loss(expected: float):
     """A loss (a mean of float32 per-sample losses) compared to a relative tolerance.
 

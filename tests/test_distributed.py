@@ -133,15 +133,20 @@ UNIT_SCRIPT = textwrap.dedent('''
     def counting_decode(path):
         decoded.append(path)
         return decode_array(path, pre.resize)
-    features = extract_features(model, paths, counting_decode, pre, 1, 0, None, batch_size=2, channels_last=False,
-                                runtime=rt)
+    features, _ = extract_features(model, paths, counting_decode, pre, 1, 0, None, batch_size=2,
+                                   channels_last=False, runtime=rt)
     counted = len(decoded)
-    reference = extract_features(model, paths, lambda p: decode_array(p, pre.resize), pre, 1, 0, None,
-                                 batch_size=2, channels_last=False)
+    reference, _ = extract_features(model, paths, lambda p: decode_array(p, pre.resize), pre, 1, 0, None,
+                                    batch_size=2, channels_last=False)
     result = {"rank": rt.rank, "world": rt.world_size, "n": len(paths),
               "single": [single.loss, single.accuracy, single.n], "shared": [shared.loss, shared.accuracy, shared.n],
               "extracted_here": counted, "features_equal_max_diff": float((features - reference).abs().max())}
     (out / f"rank{rt.rank}.json").write_text(json.dumps(result))
+    # The step stopped between DDP's forward and its backward: free the DDP wrapper before the exit
+    # hook destroys the process group under it (else gloo may abort the process as it exits).
+    del model, optimizer
+    import gc
+    gc.collect()
 ''')
 
 
@@ -355,6 +360,11 @@ NAN_SCRIPT = textwrap.dedent('''
     except NonFiniteLoss as exc:
         result = {"stopped_at": exc.step}
     (out / f"rank{rt.rank}.json").write_text(json.dumps(result))
+    # The step stopped between DDP's forward and its backward: free the DDP wrapper before the exit
+    # hook destroys the process group under it (else gloo may abort the process as it exits).
+    del model, optimizer
+    import gc
+    gc.collect()
 ''')
 
 

@@ -144,3 +144,32 @@ def test_training_on_salted_folder_leaves_bad_files_out(tmp_path, tiny_settings,
     with pytest.raises(visiontune.DataError, match="--strict"):
         visiontune.train(root, out=str(tmp_path / "strict"), strict=True, **tiny_settings)
     assert not (tmp_path / "strict").exists()
+
+
+def test_unreadable_images_are_found_while_training_not_before(tmp_path, tiny_settings, capsys, monkeypatch):
+    """No pass over the files before training: a bad file is met by the image batches (here: no probe,
+    so no feature pass), left out from then on, listed once and gone from the run's splits."""
+    import visiontune.pipeline as pipeline
+
+    def no_screening(*args, **kwargs):
+        raise AssertionError("a separate screening pass ran before training")
+
+    monkeypatch.setattr(pipeline, "screen_images", no_screening)
+    root = make_folder(tmp_path / "data", {"a": 6, "b": 6})
+    (root / "train" / "a" / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    (root / "val" / "b" / "empty.png").write_bytes(b"")
+    run = visiontune.train(root, out=str(tmp_path / "run"), **{**tiny_settings, "head_init": "random", "epochs": 2})
+    err = capsys.readouterr().err
+    assert err.count("left out") == 1 and "broken.jpg" in err and "empty.png" in err
+    excluded = (run.path / "excluded.csv").read_text()
+    assert "broken.jpg" in excluded and "empty.png" in excluded
+    assert "broken.jpg" not in (run.path / "splits" / "train.csv").read_text()
+    assert "empty.png" not in (run.path / "splits" / "val.csv").read_text()
+    assert [r["epoch"] for r in run.metrics] == [1, 2]
+    # Val metrics count the readable images only: 3 + 3, not the empty file.
+    assert main(["eval", str(run.path), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 6
+    # The default recipe meets them in its feature pass (the probe's), before any image batch.
+    run = visiontune.train(root, out=str(tmp_path / "probe"), **tiny_settings)
+    assert capsys.readouterr().err.count("left out") == 1
+    assert run.metrics[0]["stage"] == "probe" and "broken.jpg" in (run.path / "excluded.csv").read_text()

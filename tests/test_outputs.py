@@ -17,7 +17,7 @@ import visiontune
 from visiontune.cli import main
 from visiontune.metrics import confusion_matrix, per_class_report, wilson_interval
 
-from .conftest import HYMENOPTERA, approx_loss, make_folder, make_image, needs_hymenoptera
+from .conftest import HYMENOPTERA, WITHOUT_TORCH, approx_loss, make_folder, make_image, needs_hymenoptera
 
 
 def run_cli(args, capsys):
@@ -237,12 +237,7 @@ def test_export_matches_pytorch_and_carries_metadata(tiny_run, tiny_data, capsys
 def test_onnx_predict_runs_without_torch(tiny_run, tiny_data, tmp_path, capsys):
     assert run_cli(["export", str(tiny_run.path), "--out", str(tmp_path / "m.onnx")], capsys)[0] == 0
     blocker = (
-        "import sys\n"
-        "class NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.') or name in ('torchvision', 'timm'):\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "sys.meta_path.insert(0, NoTorch())\n"
+        WITHOUT_TORCH +
         "from visiontune.cli import main\n"
         f"sys.exit(main(['predict', {str(tmp_path / 'm.onnx')!r}, {str(tiny_data / 'val')!r}, '--format', 'jsonl']))\n"
     )

@@ -20,7 +20,7 @@ from PIL import Image
 import visiontune
 from visiontune.cli import main
 
-from .conftest import make_image
+from .conftest import WITHOUT_TORCH, make_image
 
 
 def client_for(model, **settings):
@@ -120,12 +120,7 @@ def test_onnx_is_served_without_torch(tiny_run, tiny_data, tmp_path):
     image = val_images(tiny_data)[0]
     expected = visiontune.load(onnx_file).predict(image)["label"]
     script = (
-        "import sys\n"
-        "class NoTorch:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' or name.startswith('torch.') or name in ('torchvision', 'timm'):\n"
-        "            raise ImportError('torch is blocked in this test')\n"
-        "sys.meta_path.insert(0, NoTorch())\n"
+        WITHOUT_TORCH +
         "from fastapi.testclient import TestClient\n"
         "from visiontune.serve import create_app\n"
         f"with TestClient(create_app({str(onnx_file)!r})) as c:\n"

@@ -160,19 +160,27 @@ def test_feature_cache_reuses_entries_and_re_extracts_a_changed_file(tiny_data, 
     paths = sorted((tiny_data / "train" / "ants").glob("*.png"))[:3]
     cache = FeatureCache(tmp_path / "fc", {"arch": "t", "weights": source})
     decode = DecodeCache(pre.resize, directory=tmp_path / "dc")
-    first = extract_features(model, paths, decode, pre, 2, 0, cache, channels_last=False)
+    first, failed = extract_features(model, paths, decode, pre, 2, 0, cache, channels_last=False)
+    assert failed == {}
     assert first.shape[:2] == (2, 3)
     assert not torch.equal(first[0], first[1])  # view 1 is augmented
 
     calls = []
     counting = lambda p: calls.append(Path(p).name) or decode(p)  # noqa: E731
-    again = extract_features(model, paths, counting, pre, 2, 0, cache, channels_last=False)
+    again, _ = extract_features(model, paths, counting, pre, 2, 0, cache, channels_last=False)
     assert calls == [] and torch.equal(first, again)
 
     bees = sorted((tiny_data / "train" / "bees").glob("*.png"))[0]
     paths[1].write_bytes(bees.read_bytes())
     os.utime(paths[1], (time.time() + 5, time.time() + 5))
-    changed = extract_features(model, paths, counting, pre, 2, 0, cache, channels_last=False)
+    changed, _ = extract_features(model, paths, counting, pre, 2, 0, cache, channels_last=False)
     assert sorted(set(calls)) == [paths[1].name]
     assert torch.equal(changed[:, 0], first[:, 0]) and not torch.equal(changed[0, 1], first[0, 1])
+
+    # An unreadable image is left out of the rows and named, in every view; the others are the same.
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    rows, failed = extract_features(model, [paths[0], bad, paths[2]], decode, pre, 2, 0, cache, channels_last=False)
+    assert list(failed) == [str(bad)] and rows.shape[:2] == (2, 2)
+    assert torch.equal(rows[:, 0], changed[:, 0]) and torch.equal(rows[:, 1], changed[:, 2])
 

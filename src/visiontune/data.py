@@ -98,7 +98,7 @@ def cross_split_duplicates(splits: Splits) -> list[list[tuple[str, Path, int]]]:
             try:
                 by_size[path.stat().st_size].append((split, path, label))
             except OSError:
-                continue  # unreadable files are reported by screening
+                continue  # unreadable files are reported by the pass that reads them
     groups = []
     for same_size in by_size.values():
         if len({split for split, _, _ in same_size}) < 2:
@@ -419,6 +419,10 @@ class ImageDataset:
         return len(self.samples)
 
     def __getitem__(self, index: int):
+        """(image, label, None), or (None, label, reason) for an image that cannot be read: the batch
+        goes on without it (collate_readable) and the loop leaves it out of later epochs."""
+        from .images import unreadable_reason
+
         path, label = self.samples[index]
         if isinstance(label, tuple):
             import torch
@@ -426,7 +430,24 @@ class ImageDataset:
             hot = torch.zeros(self.num_classes)
             hot[list(label)] = 1.0
             label = hot
-        return self.transform(self.decode(path)), label
+        try:
+            return self.transform(self.decode(path)), label, None
+        except Exception as exc:  # any failure to read or decode leaves the image out
+            return None, label, (str(path), unreadable_reason(exc))
+
+
+def collate_readable(samples: list[tuple]):
+    """(images, labels, {path: reason}) of one batch: the readable images stacked, the others listed."""
+    from torch.utils.data import default_collate
+
+    good = [(image, label) for image, label, _ in samples if image is not None]
+    failed = dict(why for image, _, why in samples if image is None)
+    if not good:
+        import torch
+
+        return torch.zeros(0), torch.zeros(0), failed
+    images, labels = default_collate(good)
+    return images, labels, failed
 
 
 # Loader workers start by fork(), PyTorch's default on Linux, not forkserver or spawn. Measured
@@ -470,7 +491,7 @@ def train_loader(items: list[tuple[Path, int]], decode, transform, cfg, rt, gene
     return torch.utils.data.DataLoader(
         # The generator goes to the sampler only: given to the DataLoader it would also be drawn
         # from for worker seeds, and the order would differ from the cached-feature path's.
-        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+        dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_readable,
         pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0,
         multiprocessing_context=_worker_context(workers),
         # A last batch of one sample breaks BatchNorm in train mode; drop it then.
@@ -485,5 +506,6 @@ def val_loader(items: list[tuple[Path, int]], decode, transform, cfg, rt, num_cl
     workers = worker_count(cfg, rt)
     return torch.utils.data.DataLoader(ImageDataset(rt.shard(items), decode, transform, num_classes),
                                        batch_size=cfg.eval_batch_size, shuffle=False, num_workers=workers,
+                                       collate_fn=collate_readable,
                                        pin_memory=rt.device.type == "cuda",
                                        multiprocessing_context=_worker_context(workers))

@@ -25,7 +25,7 @@ from torch import nn
 
 from .files import atomic_write
 from .folding import fold_batchnorm, pooled_features
-from .images import file_identity
+from .images import file_identity, unreadable_reason
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
 
 
@@ -72,12 +72,16 @@ def extract_features(
     channels_last: bool = True,
     progress: Callable[[Iterator, int, str], Iterator] = lambda it, total, desc: it,
     runtime=None,
-) -> torch.Tensor:
-    """Features [views, len(paths), dim] in eval mode (on the CPU); cached entries are reused.
+) -> tuple[torch.Tensor, dict[str, str]]:
+    """Features [views, images that could be read, dim] in eval mode (on the CPU), and {path: reason}
+    of the images that could not be read (left out of the features). Cached entries are reused.
 
+    This pass is where unreadable images are found: there is no separate pass over the files before
+    it, so training starts after listing them, whatever their number (a bad file is remembered by the
+    decode cache, so a later run skips it at once).
     With several processes (torchrun), rank 0's cache decides what is missing, each rank computes
     every world_size-th missing image, and the results are gathered on every rank: N devices extract
-    N times faster, and all ranks end with the same features.
+    N times faster, and all ranks end with the same features and the same failures.
     """
     from .runtime import Runtime
 
@@ -88,21 +92,30 @@ def extract_features(
     eval_tf, train_tf = EvalTransform(pre), TrainTransform(pre)
     identities = [file_identity(p) for p in paths]
     per_view = []
+    failed: dict[str, str] = {}
     for view in range(views):
         known = rt.broadcast(cache.load(view, seed) if cache and rt.is_main else {})
-        missing = [i for i, ident in enumerate(identities) if ident not in known]
+        missing = [i for i, ident in enumerate(identities) if ident not in known and str(paths[i]) not in failed]
         mine = rt.shard(missing)
         computed = {}
+        found: dict[str, str] = {}
         chunks = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
         for chunk in progress(iter(chunks), len(chunks), f"features view {view}"):
-            images = []
+            images, kept = [], []
             for i in chunk:
-                if view == 0:
-                    images.append(eval_tf(decode(paths[i])))
-                else:
-                    with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(_seed_for(seed, view, identities[i]))
-                        images.append(train_tf(decode(paths[i])))
+                try:
+                    if view == 0:
+                        images.append(eval_tf(decode(paths[i])))
+                    else:
+                        with torch.random.fork_rng(devices=[]):
+                            torch.manual_seed(_seed_for(seed, view, identities[i]))
+                            images.append(train_tf(decode(paths[i])))
+                    kept.append(i)
+                except Exception as exc:  # any failure to read or decode leaves the image out
+                    found[str(paths[i])] = unreadable_reason(exc)
+            chunk = kept
+            if not chunk:
+                continue
             fast_model = fast_model or fold_batchnorm(model, pre.size)
             with torch.inference_mode(), rt.autocast():
                 batch = normalize_batch(torch.stack(images).to(device, non_blocking=True), pre, channels_last)
@@ -110,12 +123,17 @@ def extract_features(
             for i, f in zip(chunk, feats.float().cpu().numpy()):
                 computed[identities[i]] = f
         if rt.distributed and missing:
-            computed = {k: v for part in rt.all_gather(computed) for k, v in part.items()}
+            parts = rt.all_gather((computed, found))
+            computed = {k: v for part, _ in parts for k, v in part.items()}
+            found = {k: v for _, part in parts for k, v in part.items()}
+        failed.update(found)
         if cache and computed and rt.is_main:
             cache.save(view, seed, {**known, **computed})
         table = {**known, **computed}
-        per_view.append(torch.from_numpy(np.stack([table[ident] for ident in identities])))
-    return torch.stack(per_view)
+        rows = [table[ident] for ident, path in zip(identities, paths) if str(path) not in failed]
+        per_view.append(torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, 0))
+    # In the order of `paths`, whichever rank found them.
+    return torch.stack(per_view), {str(p): failed[str(p)] for p in paths if str(p) in failed}
 
 
 class FeatureBatches:

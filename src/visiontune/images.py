@@ -193,7 +193,14 @@ def eval_input(source, pre: dict) -> np.ndarray:
     return ((crop.astype(np.float32) - mean) / std).transpose(2, 0, 1)
 
 
+def unreadable_reason(exc: BaseException) -> str:
+    """Why an image could not be used, in one line (for excluded.csv and the warning)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def screen_images(decode, paths: list[Path], progress, rt=None) -> dict[str, str]:
+    # Used by --strict only (all or nothing before anything is written); otherwise the passes that
+    # read the images anyway find the bad ones (features.extract_features, data.collate_readable).
     """Decode every image once (threads: Pillow releases the GIL); {path: reason} of the failures.
 
     With the decode cache, a good image is decoded only on the first run and a
@@ -209,7 +216,7 @@ def screen_images(decode, paths: list[Path], progress, rt=None) -> dict[str, str
             decode(path)
             return None
         except Exception as exc:  # any failure to read or decode leaves the image out
-            return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return unreadable_reason(exc)
 
     mine = rt.shard(paths)
     workers = max(1, min(4, os.cpu_count() or 1))

@@ -90,6 +90,33 @@ class Setup:
     excluded: dict[str, str]
     observers: CallbackList = field(default_factory=CallbackList)
     """Callbacks and experiment loggers (rank 0); run_training sets them once the run folder exists."""
+    on_exclude: Callable[[dict[str, str]], None] | None = None
+    """Told of newly found unreadable images (run_training: excluded.csv, the splits, one warning)."""
+    unsaid: dict[str, str] = field(default_factory=dict)
+    """Unreadable images left out and not yet said (one warning per epoch that met any)."""
+    unread: dict[str, str] = field(default_factory=dict)
+    """Unreadable images met by the image loaders this epoch, not yet excluded (see exclude_unread)."""
+
+    def exclude(self, found: dict[str, str]) -> None:
+        """Leave unreadable images out of every split from now on; every rank must pass the same ones."""
+        new = {p: why for p, why in found.items() if p not in self.excluded}
+        if not new:
+            return
+        self.excluded.update(new)
+        self.splits.samples = {split: [(p, y) for p, y in items if str(p) not in new]
+                               for split, items in self.splits.samples.items()}
+        for split in ("train", "val"):
+            if not self.splits.samples.get(split):
+                raise DataError(f"DATA {self.splits.root}: no readable image is left in the {split} split "
+                                f"({len(self.excluded)} unreadable); run `visiontune doctor DATA`.")
+        if self.on_exclude is not None:
+            self.on_exclude(new)
+
+    def exclude_unread(self) -> None:
+        """After an epoch of image batches: the unreadable images any rank met, left out on every rank."""
+        found = {k: v for part in self.rt.all_gather(self.unread) for k, v in part.items()}
+        self.unread.clear()
+        self.exclude(found)
 
     @property
     def classes(self) -> list[str]:
@@ -122,9 +149,13 @@ class Setup:
         cache = FeatureCache(self.cache_dir, {
             "arch": self.backbone.timm_name, "weights": self.weights_source, "pre": self.pre.to_json(),
             "channels_last": self.cfg.channels_last, "folded_bn": True, "precision": self.rt.precision})
-        return extract_features(self.model, [p for p, _ in items], self.decode, self.pre, views, self.cfg.seed,
-                                cache if self.cfg.feature_cache else None, self.cfg.eval_batch_size,
-                                self.cfg.channels_last, self.progress, runtime=self.rt)
+        features, failed = extract_features(self.model, [p for p, _ in items], self.decode, self.pre, views,
+                                            self.cfg.seed, cache if self.cfg.feature_cache else None,
+                                            self.cfg.eval_batch_size, self.cfg.channels_last, self.progress,
+                                            runtime=self.rt)
+        # The rows are those of the images that could be read: the samples (and labels) lose the others.
+        self.exclude(failed)
+        return features
 
     def model_meta(self) -> dict:
         return {
@@ -185,7 +216,8 @@ def init_from_run(model: nn.Module, backbone: backbones.Backbone, cfg: TrainConf
 
 
 def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = ("train", "val")) -> Setup:
-    """Data (screened: bad images left out), model on its device, preprocessing, decode cache, seeds.
+    """Data (listed, not read: unreadable images are left out by the first pass that meets them, or all
+    checked here with --strict), model on its device, preprocessing, decode cache, seeds.
     `cfg` comes back in `Setup.cfg` with the image sizes filled in."""
     splits = resolve_data(cfg)
     if splits.multi_label:
@@ -211,15 +243,17 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     decode = DecodeCache(pre.resize, pre.interpolation, cache_dir, int(cfg.decode_cache_gb * (1 << 30))) \
         if cfg.decode_cache_gb > 0 else partial(decode_array, short_side=pre.resize, interpolation=pre.interpolation)
-    # Every image is decoded once before the first epoch, so a bad file can never stop training mid-epoch.
-    paths = [p for split in screen_splits for p, _ in splits.samples.get(split, [])]
-    excluded = screen_images(decode, paths, progress, rt)
-    if excluded:
-        if cfg.strict:
-            first = next(iter(excluded.items()))
-            raise DataError(f"{len(excluded)} image(s) cannot be used, e.g. {first[0]}: {first[1]}; fix or remove "
+    if cfg.strict:
+        # All or nothing, before anything is written: every image is decoded once up front. Otherwise
+        # unreadable images are found by the first pass that reads them (features, or image batches)
+        # and left out from then on, so that training starts after listing the files.
+        paths = [p for split in screen_splits for p, _ in splits.samples.get(split, [])]
+        bad = screen_images(decode, paths, progress, rt)
+        if bad:
+            first = next(iter(bad.items()))
+            raise DataError(f"{len(bad)} image(s) cannot be used, e.g. {first[0]}: {first[1]}; fix or remove "
                             "them (visiontune doctor DATA lists all), or drop --strict to leave them out.")
-        splits.samples = {s: [(p, y) for p, y in items if str(p) not in excluded] for s, items in splits.samples.items()}
+    excluded: dict[str, str] = {}
     return Setup(cfg=cfg, rt=rt, splits=splits, model=model, backbone=backbone, weights_source=weights_source,
                  head_from_init=head_from_init,
                  pre=pre, decode=decode, cache_dir=cache_dir, generator=generator, progress=progress,
@@ -288,13 +322,35 @@ def _scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, epochs: int):
         optimizer, lambda step: lr_multiplier(cfg.schedule, step, steps_per_epoch, epochs, cfg.warmup_epochs))
 
 
-def image_train_batches(s: Setup, transform) -> torch.utils.data.DataLoader:
-    return train_loader(s.train_items, s.decode, transform, s.cfg, s.rt, s.generator,
-                        len(s.classes) if s.multi_label else 0)
+def image_train_batches(s: Setup, transform) -> "ReadableBatches":
+    # A training batch left with one image breaks BatchNorm in train mode: skipped (the loader already
+    # drops a last batch of one, for the same reason).
+    return ReadableBatches(train_loader(s.train_items, s.decode, transform, s.cfg, s.rt, s.generator,
+                                        len(s.classes) if s.multi_label else 0), s.unread, smallest=2)
 
 
-def image_val_batches(s: Setup) -> torch.utils.data.DataLoader:
-    return val_loader(s.val_items, s.decode, EvalTransform(s.pre), s.cfg, s.rt, len(s.classes) if s.multi_label else 0)
+def image_val_batches(s: Setup) -> "ReadableBatches":
+    return ReadableBatches(val_loader(s.val_items, s.decode, EvalTransform(s.pre), s.cfg, s.rt,
+                                      len(s.classes) if s.multi_label else 0), s.unread)
+
+
+class ReadableBatches:
+    """A loader's (images, labels) batches without the images that could not be read, which are
+    noted in `unread` ({path: reason}) for the loop to leave out after the epoch."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, unread: dict[str, str], smallest: int = 1):
+        self.loader, self.unread, self.smallest = loader, unread, smallest
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, labels, failed in self.loader:
+            self.unread.update(failed)
+            # A batch only shrinks below `smallest` because of unreadable images: one the loader made
+            # small itself (fixed mode's last batch) is kept, as it always was.
+            if len(labels) >= self.smallest or (len(labels) and not failed):
+                yield images, labels
 
 
 def _wrap(s: Setup, model: nn.Module) -> nn.Module:
@@ -322,8 +378,9 @@ def head_stage(s: Setup, epochs: int, lr: float) -> Stage:
     optimizer = make_optimizer(stage_cfg, [(n, p) for n, p in classifier.named_parameters()])
     if cfg.feature_cache or cfg.mode != "fixed":
         views = cfg.views if cfg.mode == "fixed" else 1
+        train_features = s.features_of(s.train_items, views)  # first: it may leave unreadable images out
         labels = s.train_labels
-        train_batches = FeatureBatches(s.features_of(s.train_items, views), labels, cfg.batch_size, s.generator,
+        train_batches = FeatureBatches(train_features, labels, cfg.batch_size, s.generator,
                                        sampler=make_sampler(cfg, range(len(labels)), labels, s.generator))
         val_features = s.features_of(s.val_items, 1)[0]
         val_batches = list(zip(val_features.split(cfg.eval_batch_size), s.val_labels.split(cfg.eval_batch_size)))

@@ -157,6 +157,12 @@ class RunFolder:
                 raise UsageError(f"--resume {self.path}: the {split} images differ from those the run started "
                                  "with; restore the data or start a new run.")
 
+    def read_excluded(self) -> dict[str, str]:
+        if not self.excluded_file.is_file():
+            return {}
+        with self.excluded_file.open(newline="") as f:
+            return {row["path"]: row["reason"] for row in csv.DictReader(f)}
+
     def write_excluded(self, excluded: dict[str, str]) -> None:
         with self.excluded_file.open("w", newline="") as f:
             writer = csv.writer(f)

@@ -205,14 +205,29 @@ def _open_run_folder(s: Setup, resuming: bool) -> RunFolder:
     """The run folder: the given one on resume (same images or refused), else a new one (rank 0 writes)."""
     if resuming:
         folder = RunFolder(s.cfg.out)
+        s.exclude(folder.read_excluded())  # found by the interrupted run; said then
         s.rt.on_main(lambda: folder.check_same_splits(s.splits.samples, s.classes))
     else:
         folder = RunFolder(s.rt.on_main(lambda: _start_run_folder(s)))
-    if s.excluded and s.rt.is_main:
-        shown = "; ".join(f"{Path(p).name}: {why}" for p, why in list(s.excluded.items())[:3])
-        print(f"warning: left out {len(s.excluded)} unreadable image(s) (listed in {folder.excluded_file}): "
-              f"{shown}{' ...' if len(s.excluded) > 3 else ''}", file=sys.stderr)
+    s.on_exclude = lambda new: _record_excluded(s, folder, new)
     return folder
+
+
+def _record_excluded(s: Setup, folder: RunFolder, new: dict[str, str]) -> None:
+    """Unreadable images just found: listed in excluded.csv and gone from splits/*.csv at once; said
+    in one warning when the epoch that met them ends (_say_excluded)."""
+    s.unsaid.update(new)
+    if s.rt.is_main:
+        folder.write_excluded(s.excluded)
+        folder.write_splits(s.splits.samples, s.classes)
+
+
+def _say_excluded(s: Setup, folder: RunFolder) -> None:
+    if s.unsaid and s.rt.is_main:
+        shown = "; ".join(f"{Path(p).name}: {why}" for p, why in list(s.unsaid.items())[:3])
+        print(f"warning: left out {len(s.unsaid)} unreadable image(s) (listed in {folder.excluded_file}): "
+              f"{shown}{' ...' if len(s.unsaid) > 3 else ''}", file=sys.stderr, flush=True)
+    s.unsaid.clear()
 
 
 def _restore(s: Setup, folder: RunFolder, state: dict) -> LoopState:
@@ -298,6 +313,7 @@ def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch
                          stage.prepare, label_smoothing=cfg.label_smoothing, device=rt.device,
                          autocast=rt.autocast, reduce=reduce, multi_label=s.multi_label)
     del eval_model
+    s.exclude_unread()  # images the loaders could not read this epoch: left out of the next ones
     return {"epoch": epoch, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
             "val_loss": val_stats.loss, "val_acc": val_stats.accuracy,
             "lr": stage.lr_at_epoch_end(epoch - offset, cfg), "seconds": time.perf_counter() - epoch_start,
@@ -306,6 +322,7 @@ def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch
 
 def _record(s: Setup, folder: RunFolder, loop: LoopState, row: dict) -> None:
     """Log one epoch's row; keep (and save) the model's weights when it is the best so far."""
+    _say_excluded(s, folder)
     loop.metrics.append(row)
     if s.rt.is_main:
         folder.append_metrics(row)
