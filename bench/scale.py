@@ -1,6 +1,7 @@
 """How visiontune scales with the number of images: synthetic JPEG sets of 2 000, 10 000 and 50 000.
 
-usage: python bench/scale.py [--sizes 2000 10000 50000] [--root DIR] [--image-size 96] [--train-size 64]
+usage: python bench/scale.py [--sizes 2000 10000 50000] [--modes fixed finetune] [--root DIR] [--image-size 96]
+                             [--train-size 64]
 
 Each set is DIR/<N>/<class>/*.jpg: 4 classes, JPEGs of random sizes (48-400 px a side) and a few
 bad files (empty, truncated, HTML named .jpg: 1 in 1000, at least 3); generated once and kept.
@@ -143,6 +144,7 @@ def run_child(data: Path, settings: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 50000])
+    parser.add_argument("--modes", nargs="+", choices=["fixed", "finetune"], default=["fixed", "finetune"])
     parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "visiontune-scale"))
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--train-size", type=int, default=64)
@@ -155,7 +157,7 @@ def main() -> int:
         return 0
 
     root = Path(args.root)
-    results: dict[str, dict[int, dict]] = {"fixed": {}, "finetune": {}}
+    results: dict[str, dict[int, dict]] = {mode: {} for mode in args.modes}
     for n in args.sizes:
         t = time.perf_counter()
         folder = generate(root, n)

@@ -142,11 +142,6 @@ UNIT_SCRIPT = textwrap.dedent('''
               "single": [single.loss, single.accuracy, single.n], "shared": [shared.loss, shared.accuracy, shared.n],
               "extracted_here": counted, "features_equal_max_diff": float((features - reference).abs().max())}
     (out / f"rank{rt.rank}.json").write_text(json.dumps(result))
-    # The step stopped between DDP's forward and its backward: free the DDP wrapper before the exit
-    # hook destroys the process group under it (else gloo may abort the process as it exits).
-    del model, optimizer
-    import gc
-    gc.collect()
 ''')
 
 

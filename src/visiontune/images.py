@@ -110,9 +110,10 @@ def file_identity(path: str | Path) -> str:
     """What makes a cached result of this file valid: its absolute path, size and mtime."""
     if hasattr(path, "identity"):  # a member of a tar shard: the shard's, plus the member's name
         return path.identity()
-    p = Path(path)
-    st = p.stat()
-    return f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    # os.path.abspath, not Path.resolve: no symlink walk, 8x faster (0.09 s vs 0.72 s for 12 000
+    # files here), which is most of the start-up of a 50 000-image run (bench/scale.py).
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
 def default_cache_dir() -> Path:
