@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError, UsageError
+from .images import unreadable_reason
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = ("train", "val", "test")
@@ -421,8 +422,6 @@ class ImageDataset:
     def __getitem__(self, index: int):
         """(image, label, None), or (None, label, reason) for an image that cannot be read: the batch
         goes on without it (collate_readable) and the loop leaves it out of later epochs."""
-        from .images import unreadable_reason
-
         path, label = self.samples[index]
         if isinstance(label, tuple):
             import torch

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import DEFAULT_TOP_K, EXPLAIN_METHODS
 from .errors import UsageError
-from .images import eval_crop
+from .images import eval_crop, normalize_crop
 from .predict import describe_input, top_k_list
 
 
@@ -132,9 +132,7 @@ class Explainer:
     def explain(self, source, class_name: str | None = None, top_k: int = DEFAULT_TOP_K) -> Explanation:
         """One image (path, bytes, PIL image, HWC uint8 array): the prediction and its heatmap."""
         crop = eval_crop(source, self.preprocessing)
-        mean = np.asarray(self.preprocessing["mean"], dtype=np.float32) * 255.0
-        std = np.asarray(self.preprocessing["std"], dtype=np.float32) * 255.0
-        x = torch.from_numpy(((crop.astype(np.float32) - mean) / std).transpose(2, 0, 1).copy())[None]
+        x = torch.from_numpy(normalize_crop(crop, self.preprocessing).copy())[None]
         with torch.no_grad():
             probs = self.squash(self.model(x.to(self.device)).float())[0].cpu().numpy()
         predicted = int(np.argmax(probs))

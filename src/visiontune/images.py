@@ -186,12 +186,16 @@ def eval_crop(source, pre: dict) -> np.ndarray:
     return center_crop_array(decode_array(source, pre["resize"], pre["interpolation"]), pre["size"])
 
 
-def eval_input(source, pre: dict) -> np.ndarray:
-    """The eval preprocessing without torch: decode, resize, center crop, normalise -> float32 CHW."""
-    crop = eval_crop(source, pre)
+def normalize_crop(crop: np.ndarray, pre: dict) -> np.ndarray:
+    """uint8 HWC crop -> normalised float32 CHW, as the model takes it."""
     mean = np.asarray(pre["mean"], dtype=np.float32) * 255.0
     std = np.asarray(pre["std"], dtype=np.float32) * 255.0
     return ((crop.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+
+
+def eval_input(source, pre: dict) -> np.ndarray:
+    """The eval preprocessing without torch: decode, resize, center crop, normalise -> float32 CHW."""
+    return normalize_crop(eval_crop(source, pre), pre)
 
 
 def unreadable_reason(exc: BaseException) -> str:

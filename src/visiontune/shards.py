@@ -141,14 +141,14 @@ def read_shards(folder: Path):
             _INDEX[str(shard)] = {m.name: (m.offset_data, m.size) for m in members}
             labels = {}
             images = {}
-            for m in members:
-                key, _, field = m.name.partition(".")
-                if field == "cls":
-                    with open(shard, "rb") as f:
+            with open(shard, "rb") as f:  # one open per shard, not one per label
+                for m in members:
+                    key, _, field = m.name.partition(".")
+                    if field == "cls":
                         f.seek(m.offset_data)
                         labels[key] = f.read(m.size).decode()
-                elif field != "path.txt":
-                    images[key] = m.name
+                    elif field != "path.txt":
+                        images[key] = m.name
             for key in sorted(images):
                 text = labels.get(key)
                 if text is None:
