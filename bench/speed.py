@@ -1,6 +1,6 @@
 """Speed and memory of visiontune against the tutorial's loop, same machine, one invocation.
 
-usage: python bench/speed.py [--data DIR] [--ref-epochs N] [--skip-reference]
+usage: python bench/speed.py [--data DIR] [--ref-epochs N]
 
 Runs, one after another in fresh processes so each has the machine to itself:
 - the reference (`../shared/bench/tutorial_baseline.py`: batch 4, 4 workers,
