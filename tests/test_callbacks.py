@@ -66,6 +66,17 @@ def test_callbacks_see_every_step_epoch_and_the_end_and_change_nothing(tiny_data
     (end,) = recorder.runs
     assert end.best_epoch == watched.best_epoch and end.best_val_acc == watched.best_val_acc
     assert end.classes == ("ants", "bees") and len(end.metrics) == 3
+    # The best epoch's val probabilities come along (read-only): the end-of-run figures are drawn
+    # from them, and they are what a fresh evaluation of the saved best weights gives.
+    from visiontune.evaluation import evaluate_run, scores_result
+
+    assert not end.val_probabilities.flags.writeable
+    kept, fresh = scores_result(watched.path, end.val_probabilities), evaluate_run(watched.path, keep_items=True)
+    assert [(i["path"], i["predicted"]) for i in kept["items"]] == [(i["path"], i["predicted"]) for i in fresh["items"]]
+    assert [i["probability"] for i in kept["items"]] == pytest.approx([i["probability"] for i in fresh["items"]],
+                                                                      abs=1e-5)
+    assert kept["confusion_matrix"] == fresh["confusion_matrix"]
+    assert kept["loss"] == pytest.approx(watched.best_val_loss, rel=1e-5)
 
 
 def test_tensorboard_log_holds_the_runs_numbers(tiny_data, tiny_settings, tmp_path):

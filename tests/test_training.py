@@ -184,3 +184,42 @@ def test_feature_cache_reuses_entries_and_re_extracts_a_changed_file(tiny_data, 
     assert list(failed) == [str(bad)] and rows.shape[:2] == (2, 2)
     assert torch.equal(rows[:, 0], changed[:, 0]) and torch.equal(rows[:, 1], changed[:, 2])
 
+
+
+class StopInEpoch(Exception):
+    pass
+
+
+def test_head_stage_writes_last_ckpt_sparingly_and_resumes_exactly(tiny_data, tiny_settings, tmp_path, monkeypatch):
+    from visiontune import training
+
+    saved = []
+    original_save = RunFolder.save_last
+    monkeypatch.setattr(RunFolder, "save_last", lambda self, state: (saved.append(state["epoch"]),
+                                                                     original_save(self, state)))
+    settings = {**tiny_settings, "mode": "fixed", "epochs": 6}
+    whole = visiontune.train(tiny_data, out=str(tmp_path / "whole"), **settings)
+    # Epochs of milliseconds on cached features: the start, the stage's end, the finish; not every epoch.
+    assert saved == [0, 6, 6]
+    saved.clear()
+    monkeypatch.setattr(training, "HEAD_STAGE_SAVE_EVERY_S", 0.0)
+    visiontune.train(tiny_data, out=str(tmp_path / "every"), **settings)
+    assert saved == [0, 1, 2, 3, 4, 5, 6, 6]
+    # Stopped in epoch 4 with last.ckpt from epoch 0: the resumed run is the uninterrupted one.
+    monkeypatch.setattr(training, "HEAD_STAGE_SAVE_EVERY_S", 10.0)
+    epoch_row = training._epoch_row
+
+    def stop_in_epoch_4(s, folder, loop, stage, epoch, *args):
+        if epoch == 4:
+            raise StopInEpoch
+        return epoch_row(s, folder, loop, stage, epoch, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_epoch_row", stop_in_epoch_4)
+        with pytest.raises(StopInEpoch):
+            visiontune.train(tiny_data, out=str(tmp_path / "split"), **settings)
+    assert checkpoint.load_training_state(tmp_path / "split" / "last.ckpt")["epoch"] == 0
+    resumed = visiontune.resume(tmp_path / "split")
+    assert without_timing(read_metrics(whole.path)) == without_timing(read_metrics(resumed.path))
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k

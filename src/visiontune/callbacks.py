@@ -56,6 +56,9 @@ class RunEnd:
     metrics: tuple[Mapping, ...]
     config: Mapping
     seconds: float
+    val_probabilities: object = None
+    """The best epoch's probabilities per val image (rows in splits/val.csv's order; a read-only numpy
+    array), or None where they were not kept (under torchrun, or after a resume)."""
 
 
 def parse_log(value: str) -> tuple[str, ...]:
@@ -117,7 +120,7 @@ class TensorBoardLogger:
         self.writer.flush()
 
     def on_run_end(self, run: RunEnd) -> None:
-        from .evaluation import evaluate_run
+        from .evaluation import evaluate_run, scores_result
         from .report import confusion_figure, mistakes_figure
         from .runtime import env_world
 
@@ -128,7 +131,9 @@ class TensorBoardLogger:
             # share the val images: the figures are left to `visiontune report RUN`.
             self.writer.close()
             return
-        result = evaluate_run(run.run_dir, keep_items=True, device=str(run.config.get("device", "auto")))
+        result = scores_result(run.run_dir, run.val_probabilities) if run.val_probabilities is not None else None
+        if result is None:
+            result = evaluate_run(run.run_dir, keep_items=True, device=str(run.config.get("device", "auto")))
         if "confusion_matrix" in result:  # one class per image
             self.writer.add_figure("val/confusion_matrix",
                                    confusion_figure(result["confusion_matrix"], list(run.classes)), run.best_epoch)

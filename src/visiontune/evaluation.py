@@ -99,8 +99,34 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
             return None
     probs = np.stack([scored[i][0] for i in range(len(items))])
     loss_sum = float(np.sum(np.array([scored[i][1] for i in range(len(items))], dtype=np.float64)))
-    if multi:
-        return _multilabel_result(items, probs, labels.numpy(), loss_sum, meta, split, tta, top_n, keep_items)
+    return _result(items, probs, loss_sum, meta, split, tta, top_n, keep_items)
+
+
+def scores_result(run: str | Path, probabilities: np.ndarray) -> dict | None:
+    """evaluate_run's result (items kept) from val probabilities training already computed, in
+    splits/val.csv's order; None when they do not match the run's val split. Its loss is the
+    cross-entropy of those probabilities, without label smoothing or class weights."""
+    folder = RunFolder(run)
+    meta = folder.read_model_json()
+    items = folder.read_split("val", meta["classes"])
+    if len(items) != len(probabilities) or not items:
+        return None
+    probs = np.asarray(probabilities, dtype=np.float64)
+    labels = label_tensor(items, len(meta["classes"])).numpy()
+    eps = 1e-12
+    if meta.get("task") == "multi-label":
+        losses = -(labels * np.log(probs + eps) + (1 - labels) * np.log(1 - probs + eps)).mean(axis=1)
+    else:
+        losses = -np.log(probs[np.arange(len(items)), labels] + eps)
+    return _result(items, probs.astype(np.float32), float(losses.sum()), meta, "val", False, 10, True)
+
+
+def _result(items, probs: np.ndarray, loss_sum: float, meta: dict, split: str, tta: bool, top_n: int,
+            keep_items: bool) -> dict:
+    classes = meta["classes"]
+    if meta.get("task") == "multi-label":
+        labels = label_tensor(items, len(classes)).numpy()
+        return _multilabel_result(items, probs, labels, loss_sum, meta, split, tta, top_n, keep_items)
     targets = np.array([label for _, label in items])
     predictions = probs.argmax(1)
     n, correct = len(items), int((predictions == targets).sum())

@@ -148,7 +148,7 @@ def fit_probe(classifier: nn.Module, features: torch.Tensor, labels: torch.Tenso
         train_stats = train_one_epoch(classifier, batches, optimizer, scheduler=scheduler,
                                       label_smoothing=cfg.label_smoothing, device=device, multi_label=multi_label)
         val_stats = evaluate(classifier, val_batches, label_smoothing=cfg.label_smoothing, device=device,
-                             multi_label=multi_label)
+                             multi_label=multi_label, keep_outputs=True)
         if best is None or is_better(val_stats.accuracy, val_stats.loss, (best[1].accuracy, best[1].loss)):
             best = (train_stats, val_stats, {k: v.detach().clone() for k, v in classifier.state_dict().items()})
     classifier.load_state_dict(best[2])

@@ -22,7 +22,7 @@ from .callbacks import CallbackList, EpochEnd, RunEnd, StepEnd, frozen, loggers_
 from .runtime import seed_rank
 from .config import TrainConfig, parse_duration
 from .data import cross_split_duplicates
-from .engine import EpochStats, NonFiniteLoss, evaluate, is_better, train_one_epoch
+from .engine import EpochStats, EvalOutput, NonFiniteLoss, evaluate, is_better, train_one_epoch
 from .errors import UsageError, VisiontuneError
 from .folding import fold_batchnorm
 from .memory import release_freed_memory
@@ -141,6 +141,10 @@ class LoopState:
     """Optimizer steps taken over the whole run (the x axis of per-step logs)."""
     best_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     """The best epoch's weights in memory (on disk: best.safetensors); not in last.ckpt."""
+    best_val: EvalOutput | None = field(default=None, repr=False)
+    """The best epoch's val pass with its per-image probabilities (one process, this process's run only)."""
+    saved: tuple[int, float] = (0, 0.0)
+    """(epoch, perf_counter()) of the last write of last.ckpt."""
     started: float = field(default_factory=time.perf_counter)
     """perf_counter() at the run's start, moved back on resume by the seconds already spent, so that
     --mode auto's budget and the run's wall time count every process that worked on the run."""
@@ -161,7 +165,8 @@ class LoopState:
     def from_checkpoint(cls, state: dict) -> "LoopState":
         return cls(epoch=state["epoch"], metrics=list(state["metrics"]), plan=dict(state.get("plan") or {}),
                    best=tuple(state["best"]) if state["best"] is not None else None,
-                   started=time.perf_counter() - float(state.get("seconds", 0.0)), steps=int(state.get("steps", 0)))
+                   started=time.perf_counter() - float(state.get("seconds", 0.0)), steps=int(state.get("steps", 0)),
+                   saved=(state["epoch"], time.perf_counter()))
 
 
 def run_training(cfg: TrainConfig, resume_state: dict | None = None, callbacks: Sequence = ()) -> Run:
@@ -197,8 +202,19 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None, callbacks: 
     run = _finish(s, folder, loop)
     s.observers.call("on_run_end", RunEnd(str(folder.path), tuple(run.classes), run.best_epoch, run.best_val_acc,
                                           run.best_val_loss, tuple(frozen(r) for r in loop.metrics),
-                                          frozen(s.cfg.to_json()), run.seconds))
+                                          frozen(s.cfg.to_json()), run.seconds, _best_val_probabilities(s, loop)))
     return run
+
+
+def _best_val_probabilities(s: Setup, loop: LoopState):
+    """The best epoch's val probabilities as a read-only array in splits/val.csv's order, or None when
+    they were not kept (torchrun, an interrupted run) or do not line up with the val images."""
+    val = loop.best_val
+    if val is None or val.probabilities is None or not torch.equal(val.targets.to(s.val_labels.dtype), s.val_labels):
+        return None
+    probabilities = val.probabilities.float().numpy().copy()
+    probabilities.setflags(write=False)
+    return probabilities
 
 
 def _open_run_folder(s: Setup, resuming: bool) -> RunFolder:
@@ -242,9 +258,15 @@ def _restore(s: Setup, folder: RunFolder, state: dict) -> LoopState:
     return loop
 
 
+# An epoch on cached features takes milliseconds and last.ckpt (the whole model) ~0.15 s to write:
+# in a head stage it is written at most this often, and at the stage's end, an early stop or a stop.
+HEAD_STAGE_SAVE_EVERY_S = 10.0
+
+
 def _save_last(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage | None) -> None:
     if s.rt.is_main:
         folder.save_last(loop.to_checkpoint(s.model, stage, s.generator))
+    loop.saved = (loop.epoch, time.perf_counter())
 
 
 def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: int, epochs: int, stop,
@@ -255,7 +277,7 @@ def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: 
             and not s.head_from_init:
         # Epoch 0: the linear probe, a frozen-backbone model in its own right. It is logged and
         # competes for best like any epoch, so fine-tuning can only add to it, never take away.
-        _record(s, folder, loop, probe_row(s))
+        _record(s, folder, loop, *probe_row(s))
         release_freed_memory()
     lr = cfg.head_lr if name == "head" and cfg.head_lr is not None else cfg.lr
     stage = head_stage(s, epochs, lr) if name == "head" else full_stage(s, epochs)
@@ -266,18 +288,21 @@ def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: 
         stage.fast_forward(loop.epoch - offset, cfg)
     class_weights = class_weights_for(s)
     for epoch in range(loop.epoch + 1, offset + epochs + 1):
-        _record(s, folder, loop, _epoch_row(s, folder, loop, stage, epoch, offset, stop, class_weights))
+        _record(s, folder, loop, *_epoch_row(s, folder, loop, stage, epoch, offset, stop, class_weights))
         loop.epoch = epoch
-        _save_last(s, folder, loop, stage)
-        if cfg.patience is not None and epoch - loop.best[0] >= cfg.patience:
+        early_stop = cfg.patience is not None and epoch - loop.best[0] >= cfg.patience
+        if not stage.on_features or early_stop or epoch == offset + epochs \
+                or time.perf_counter() - loop.saved[1] >= HEAD_STAGE_SAVE_EVERY_S:
+            _save_last(s, folder, loop, stage)
+        if early_stop:
             _say(s, f"early stop: val has not improved for {cfg.patience} epochs")
             return stage, True
     return stage, False
 
 
 def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch: int, offset: int, stop,
-               class_weights: torch.Tensor | None) -> dict:
-    """One epoch of `stage`: train, then evaluate; its metrics row."""
+               class_weights: torch.Tensor | None) -> tuple[dict, EvalOutput]:
+    """One epoch of `stage`: train, then evaluate; its metrics row and the val pass's outputs."""
     cfg, rt = s.cfg, s.rt
     epoch_start = time.perf_counter()
     reduce = (lambda v: v) if stage.on_features else rt.all_reduce_sum
@@ -301,9 +326,9 @@ def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch
         raise Diverged(
             f"training stopped: the loss became {exc.value} at epoch {epoch}, step {exc.step}; likely a learning "
             f"rate too high (--lr {stage.lr}) or bad input; the last good state is {folder.last_checkpoint_file} "
-            f"(epoch {epoch - 1}).") from None
+            f"(epoch {loop.saved[0]}).") from None
     if not train_stats.completed:
-        raise Interrupted(f"interrupted in epoch {epoch}; the state after epoch {epoch - 1} is saved in "
+        raise Interrupted(f"interrupted in epoch {epoch}; the state after epoch {loop.saved[0]} is saved in "
                           f"{folder.last_checkpoint_file}; continue with: visiontune train --resume {folder}")
     release_freed_memory()
     rt.broadcast_buffers(s.model)
@@ -311,17 +336,19 @@ def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch
     eval_model = stage.module if stage.on_features else fold_batchnorm(stage.module, s.pre.size)
     val_stats = evaluate(eval_model, s.progress(stage.val_batches, len(stage.val_batches), f"epoch {epoch} val"),
                          stage.prepare, label_smoothing=cfg.label_smoothing, device=rt.device,
-                         autocast=rt.autocast, reduce=reduce, multi_label=s.multi_label)
+                         autocast=rt.autocast, reduce=reduce, multi_label=s.multi_label,
+                         keep_outputs=not rt.distributed)  # a shard's outputs under torchrun: not kept
     del eval_model
     s.exclude_unread()  # images the loaders could not read this epoch: left out of the next ones
     return {"epoch": epoch, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
             "val_loss": val_stats.loss, "val_acc": val_stats.accuracy,
             "lr": stage.lr_at_epoch_end(epoch - offset, cfg), "seconds": time.perf_counter() - epoch_start,
-            "stage": stage.name}
+            "stage": stage.name}, val_stats
 
 
-def _record(s: Setup, folder: RunFolder, loop: LoopState, row: dict) -> None:
-    """Log one epoch's row; keep (and save) the model's weights when it is the best so far."""
+def _record(s: Setup, folder: RunFolder, loop: LoopState, row: dict, val: EvalOutput) -> None:
+    """Log one epoch's row; keep (and save) the model's weights when it is the best so far, and keep
+    that epoch's val probabilities (the end-of-run figures need no second val pass)."""
     _say_excluded(s, folder)
     loop.metrics.append(row)
     if s.rt.is_main:
@@ -330,6 +357,7 @@ def _record(s: Setup, folder: RunFolder, loop: LoopState, row: dict) -> None:
     if is_better(row["val_acc"], row["val_loss"], loop.best[1:] if loop.best else None):
         loop.best = (row["epoch"], row["val_acc"], row["val_loss"])
         loop.best_weights = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
+        loop.best_val = val
         if s.rt.is_main:
             folder.save_best(loop.best_weights, {**s.model_meta(), "best_epoch": row["epoch"],
                                                  "val_acc": row["val_acc"], "val_loss": row["val_loss"]})
@@ -539,7 +567,7 @@ def _epoch_line(row: dict, total: int) -> str:
             f"lr {row['lr']:.2e}  {row['seconds']:.1f}s")
 
 
-def probe_row(s: Setup) -> dict:
+def probe_row(s: Setup) -> tuple[dict, EvalOutput]:
     """Fit the linear probe on cached features and evaluate it on the val features: metrics row 0.
 
     On cached features the probe model (frozen backbone, BatchNorm folded, the new head) is evaluated
@@ -551,4 +579,4 @@ def probe_row(s: Setup) -> dict:
                                        s.features_of(s.val_items, 1)[0], s.val_labels, s.multi_label)
     return {"epoch": 0, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
             "val_loss": val_stats.loss, "val_acc": val_stats.accuracy, "lr": 0.0,
-            "seconds": time.perf_counter() - start, "stage": "probe"}
+            "seconds": time.perf_counter() - start, "stage": "probe"}, val_stats
