@@ -140,6 +140,34 @@ def test_training_warns_about_duplicates_and_lists_them(tmp_path, tiny_settings,
         ("1", "train", "cats", "cats0_0.png"), ("1", "val", "dogs", "leak.png")]
 
 
+def test_the_duplicate_check_does_not_hold_up_training(tmp_path, tiny_settings, capsys, monkeypatch):
+    import threading
+
+    from visiontune import training
+
+    root = make_tree(tmp_path / "d", ["train", "val"], per_class=4)
+    (root / "val" / "dogs" / "leak.png").write_bytes((root / "train" / "cats" / "cats0_0.png").read_bytes())
+    release, finished = threading.Event(), []
+
+    def slow_check(splits):  # a large set's check: it ends only after training has begun
+        release.wait(timeout=10)
+        finished.append(True)
+        return cross_split_duplicates(splits)
+
+    class Watch:
+        seen = []
+
+        def on_epoch_end(self, epoch):
+            Watch.seen.append((epoch.epoch, bool(finished)))
+            release.set()
+
+    monkeypatch.setattr(training, "cross_split_duplicates", slow_check)
+    run = visiontune.train(root, out=str(tmp_path / "run"), callbacks=[Watch()], **{**tiny_settings, "epochs": 1})
+    assert Watch.seen[0] == (0, False)  # the probe's epoch ended while the check was still running
+    assert "1 image(s) appear byte-identical in more than one split" in capsys.readouterr().err
+    assert (run.path / "duplicates.csv").is_file()
+
+
 def test_train_and_test_folders_then_eval_on_the_test_split(tmp_path, tiny_settings, capsys):
     root = make_tree(tmp_path / "dataset", ["training_set", "test_set"], per_class=5)
     run = visiontune.train(root, out=str(tmp_path / "run"), **{**tiny_settings, "epochs": 1})

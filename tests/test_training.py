@@ -186,6 +186,26 @@ def test_feature_cache_reuses_entries_and_re_extracts_a_changed_file(tiny_data, 
 
 
 
+def test_feature_cache_adds_a_part_per_save_and_merges_past_the_limit(tmp_path, monkeypatch):
+    import numpy as np
+
+    from visiontune.features import FeatureCache
+
+    cache = FeatureCache(tmp_path, {"arch": "t"})
+    rows = np.arange(12, dtype=np.float32).reshape(6, 2)
+    cache.save(0, 0, ["a", "b"], rows[:2])
+    cache.save(0, 0, ["c"], rows[2:3])  # only the new entry is written, the first part is untouched
+    assert len(list((tmp_path / "features").glob("*.ids.npy"))) == 2
+    found, got = cache.load(0, 0, ["c", "x", "a"])
+    assert found == [2, 0] and got.tolist() == [rows[0].tolist(), rows[2].tolist()]
+    assert cache.load(1, 0, ["a"]) == ([], None)  # another view: its own parts
+    monkeypatch.setattr(FeatureCache, "MAX_PARTS", 2)
+    cache.save(0, 0, ["d", "e"], rows[3:5])
+    assert len(list((tmp_path / "features").glob("*.ids.npy"))) == 1
+    found, got = cache.load(0, 0, ["a", "b", "c", "d", "e"])
+    assert found == [0, 1, 2, 3, 4] and got.tolist() == rows[:5].tolist()
+
+
 class StopInEpoch(Exception):
     pass
 

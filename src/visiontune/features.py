@@ -7,9 +7,9 @@ view 0 is the un-augmented eval crop, views 1..K-1 are random crops+flips drawn
 from a generator seeded by (seed, view, file), so a view is the same whichever
 order or run computes it. Each epoch draws one view per training image.
 
-The cache is one file per (backbone, weights, preprocessing, view, seed),
-mapping file identity (path, size, mtime) -> feature vector; an edited file
-misses its entry and is extracted again, the rest are reused.
+The cache, per (backbone, weights, preprocessing, view, seed), maps file identity
+(path, size, mtime) -> feature vector, in parts written once (FeatureCache); an
+edited file misses its entry and is extracted again, the rest are reused.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch import nn
 from .files import atomic_write
 from .folding import fold_batchnorm, pooled_features
 from .images import file_identity, unreadable_reason
+from .memory import release_freed_memory
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
 
 
@@ -34,30 +35,65 @@ def _seed_for(seed: int, view: int, identity: str) -> int:
 
 
 class FeatureCache:
+    """One view's features, in parts written once: a pair of .npy files (identities, features) per part.
+
+    A run adds a part holding only the entries it computed, and reads the parts memory-mapped, copying
+    out only the rows it asks for: neither costs memory or time in proportion to what the cache already
+    holds (rewriting one file per view restacked every entry, 4 copies of 50 000 images' features).
+    """
+
+    MAX_PARTS = 32  # past this, the next save merges every part into one
+
     def __init__(self, directory: Path, model_key: dict):
         self.directory = Path(directory) / "features"
         self.model_key = json.dumps(model_key, sort_keys=True)
 
-    def _file(self, view: int, seed: int) -> Path:
+    def _stem(self, view: int, seed: int) -> str:
         augmented_seed = seed if view > 0 else None  # view 0 has no randomness
-        digest = hashlib.sha256(f"{self.model_key}|{view}|{augmented_seed}|v1".encode()).hexdigest()
-        return self.directory / f"{digest}.npz"
+        return hashlib.sha256(f"{self.model_key}|{view}|{augmented_seed}|v2".encode()).hexdigest()
 
-    def load(self, view: int, seed: int) -> dict[str, np.ndarray]:
-        path = self._file(view, seed)
-        if not path.is_file():
-            return {}
-        try:
-            with np.load(path) as data:
-                return dict(zip(data["identities"].tolist(), data["features"]))
-        except (OSError, ValueError, KeyError):
-            return {}
+    def _parts(self, view: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(identities, features memory-mapped) of each complete, readable part."""
+        parts = []
+        for ids_file in sorted(self.directory.glob(f"{self._stem(view, seed)}.*.ids.npy")):
+            try:
+                identities = np.load(ids_file)
+                features = np.load(ids_file.with_name(ids_file.name.replace(".ids.npy", ".npy")), mmap_mode="r")
+            except (OSError, ValueError):
+                continue  # a damaged part: its images are extracted again
+            if features.ndim == 2 and len(features) == len(identities):
+                parts.append((identities, features))
+        return parts
 
-    def save(self, view: int, seed: int, entries: dict[str, np.ndarray]) -> None:
-        identities = np.array(sorted(entries))
-        features = np.stack([entries[i] for i in identities.tolist()])
-        atomic_write(self._file(view, seed), lambda f: np.savez(f, identities=identities, features=features),
+    def load(self, view: int, seed: int, identities: list[str]) -> tuple[list[int], np.ndarray | None]:
+        """Which of `identities` the cache holds (indices into them) and their rows, in that order."""
+        wanted = {ident: i for i, ident in enumerate(identities)}
+        found, blocks = [], []
+        for names, features in self._parts(view, seed):
+            hits = [(wanted.pop(name), row) for row, name in enumerate(names.tolist()) if name in wanted]
+            if hits:
+                found += [i for i, _ in hits]
+                blocks.append(np.asarray(features[[row for _, row in hits]], dtype=np.float32))
+        return found, (np.concatenate(blocks) if len(blocks) > 1 else blocks[0]) if blocks else None
+
+    def save(self, view: int, seed: int, identities: list[str], rows: np.ndarray) -> None:
+        """A new part with these entries (none of them already in the cache)."""
+        stem = self._stem(view, seed)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        existing = sorted(self.directory.glob(f"{stem}.*.ids.npy"))
+        if len(existing) >= self.MAX_PARTS:
+            parts = self._parts(view, seed)
+            identities = [n for names, _ in parts for n in names.tolist()] + list(identities)
+            rows = np.concatenate([np.asarray(f) for _, f in parts] + [rows])
+        number = max((int(f.name.split(".")[1]) for f in existing), default=-1) + 1
+        # Features first, identities last: a part is read only once its identities file exists.
+        atomic_write(self.directory / f"{stem}.{number}.npy", lambda f: np.save(f, rows), durable=False)
+        atomic_write(self.directory / f"{stem}.{number}.ids.npy", lambda f: np.save(f, np.array(identities)),
                      durable=False)
+        if len(existing) >= self.MAX_PARTS:
+            for ids_file in existing:
+                ids_file.with_name(ids_file.name.replace(".ids.npy", ".npy")).unlink(missing_ok=True)
+                ids_file.unlink(missing_ok=True)
 
 
 def extract_features(
@@ -91,16 +127,28 @@ def extract_features(
     fast_model = None  # folded lazily: only when something is missing from the cache
     eval_tf, train_tf = EvalTransform(pre), TrainTransform(pre)
     identities = [file_identity(p) for p in paths]
-    per_view = []
+    # One array for every view's rows, filled in place (at 50 000 images and 1280 dims a view is
+    # 256 MB): no per-row arrays, dicts or stacks holding further copies.
+    out: np.ndarray | None = None
     failed: dict[str, str] = {}
     for view in range(views):
-        known = rt.broadcast(cache.load(view, seed) if cache and rt.is_main else {})
-        missing = [i for i, ident in enumerate(identities) if ident not in known and str(paths[i]) not in failed]
+        cached, cached_rows = rt.broadcast(cache.load(view, seed, identities) if cache and rt.is_main else ([], None))
+        if cached:
+            out = out if out is not None else np.zeros((views, len(paths), cached_rows.shape[1]), np.float32)
+            out[view, cached] = cached_rows
+        del cached_rows
+        known = set(cached)
+        missing = [i for i in range(len(paths)) if i not in known and str(paths[i]) not in failed]
         mine = rt.shard(missing)
-        computed = {}
+        computed: list[int] = []  # indices into paths, rows already in out[view]
         found: dict[str, str] = {}
         chunks = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
-        for chunk in progress(iter(chunks), len(chunks), f"features view {view}"):
+        for number, chunk in enumerate(progress(iter(chunks), len(chunks), f"features view {view}")):
+            if number % 16 == 15:
+                # glibc keeps freed decode and batch buffers: over 40 000 images at 96 px the resident
+                # set grew by 0.3 GB more than the features. A trim per batch kept it lower still, but
+                # its page faults cost 20% of the pass's speed; one per 16 batches does not show.
+                release_freed_memory()
             images, kept = [], []
             for i in chunk:
                 try:
@@ -113,27 +161,38 @@ def extract_features(
                     kept.append(i)
                 except Exception as exc:  # any failure to read or decode leaves the image out
                     found[str(paths[i])] = unreadable_reason(exc)
-            chunk = kept
-            if not chunk:
+            if not kept:
                 continue
             fast_model = fast_model or fold_batchnorm(model, pre.size)
             with torch.inference_mode(), rt.autocast():
                 batch = normalize_batch(torch.stack(images).to(device, non_blocking=True), pre, channels_last)
-                feats = pooled_features(fast_model, batch)
-            for i, f in zip(chunk, feats.float().cpu().numpy()):
-                computed[identities[i]] = f
+                feats = pooled_features(fast_model, batch).float().cpu().numpy()
+            out = out if out is not None else np.zeros((views, len(paths), feats.shape[1]), np.float32)
+            out[view, kept] = feats
+            computed += kept
         if rt.distributed and missing:
-            parts = rt.all_gather((computed, found))
-            computed = {k: v for part, _ in parts for k, v in part.items()}
+            parts = rt.all_gather(({identities[i]: out[view, i] for i in computed}, found))
+            by_identity = {k: v for part, _ in parts for k, v in part.items()}
             found = {k: v for _, part in parts for k, v in part.items()}
+            computed = [i for i in missing if identities[i] in by_identity]
+            if computed and out is None:
+                out = np.zeros((views, len(paths), len(next(iter(by_identity.values())))), np.float32)
+            for i in computed:
+                out[view, i] = by_identity[identities[i]]
+            del by_identity
         failed.update(found)
         if cache and computed and rt.is_main:
-            cache.save(view, seed, {**known, **computed})
-        table = {**known, **computed}
-        rows = [table[ident] for ident, path in zip(identities, paths) if str(path) not in failed]
-        per_view.append(torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, 0))
+            every_row_new = len(computed) == len(paths)  # then out[view] is the rows, without a copy
+            cache.save(view, seed, [identities[i] for i in computed], out[view] if every_row_new else out[view, computed])
+        if len(paths) > 4 * batch_size:
+            release_freed_memory()  # the pass's decode and batch buffers, before the next view or the head
+    keep = [i for i, p in enumerate(paths) if str(p) not in failed]
+    if out is None or not keep:
+        features = torch.zeros(views, 0, 0)
+    else:
+        features = torch.from_numpy(out if len(keep) == len(paths) else out[:, keep])
     # In the order of `paths`, whichever rank found them.
-    return torch.stack(per_view), {str(p): failed[str(p)] for p in paths if str(p) in failed}
+    return features, {str(p): failed[str(p)] for p in paths if str(p) in failed}
 
 
 class FeatureBatches:
