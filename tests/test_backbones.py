@@ -62,13 +62,17 @@ def test_preprocessing_comes_from_the_data_config():
 @pytest.mark.integration
 @pytest.mark.parametrize("n", [0, 1, 2])
 def test_zero_shot_imagenet_ant_vs_bee(n):
-    """ImageNet class 310 is "ant", 309 is "bee": with correct weights the untouched head already knows."""
+    """ImageNet class 310 is "ant", 309 is "bee": with correct weights the untouched head already knows.
+
+    On every third val image (51, both classes; one image is 2 points): the whole split took 60 s for
+    the three backbones, and the 153 images gave 0.974, 0.980, 0.980 where these 51 give 1.0, 0.980, 1.0
+    (2026-12-01), so a wrong weight mapping (about 0.5) still fails by far."""
     model, _ = create_pretrained(f"efficientnet_lite{n}")
     model.eval()
     pre = Preprocessing.from_data_config(data_config(model))
     splits = discover(HYMENOPTERA)
-    items = splits.samples["val"]
-    assert splits.classes == ["ants", "bees"] and len(items) == 153
+    assert splits.classes == ["ants", "bees"] and len(splits.samples["val"]) == 153
+    items = splits.samples["val"][1::3]
     correct = 0
     with torch.inference_mode():
         for start in range(0, len(items), 51):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,9 +24,9 @@ from .conftest import make_folder, read_metrics
 EPOCHS = 40
 
 
-@pytest.fixture
-def resilience_data(tmp_path):
-    return make_folder(tmp_path / "data", {"ants": 10, "bees": 9})
+@pytest.fixture(scope="module")
+def resilience_data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("resilience") / "data", {"ants": 10, "bees": 9})
 
 
 def cli_args(data: Path, out: Path, settings: dict, epochs: int = EPOCHS) -> list[str]:
@@ -60,10 +61,14 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert all(torch.equal(la[k], lb[k]) for k in la)
 
 
-@pytest.fixture
-def uninterrupted(resilience_data, tiny_settings, tmp_path):
-    out = tmp_path / "full"
-    assert main(cli_args(resilience_data, out, tiny_settings)) == 0
+@pytest.fixture(scope="module")
+def uninterrupted(resilience_data, tiny_weights, tmp_path_factory):
+    """The 40-epoch run the interrupted ones must equal; made once for the module (12 s), read-only:
+    a test that damages it works on a copy."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    out = folder / "full"
+    settings = {"weights": str(tiny_weights), "cache_dir": str(folder / "cache")}
+    assert main(cli_args(resilience_data, out, settings)) == 0
     return out
 
 
@@ -120,8 +125,10 @@ class Exploit:
 def test_malicious_pickles_are_refused(resilience_data, tiny_settings, tmp_path, uninterrupted, monkeypatch, capsys):
     marker = tmp_path / "pwned"
     monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
-    (uninterrupted / "last.ckpt").write_bytes(pickle.dumps({"epoch": 0, "payload": Exploit()}))
-    assert main(["train", "--resume", str(uninterrupted)]) == 2
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)
+    (run / "last.ckpt").write_bytes(pickle.dumps({"epoch": 0, "payload": Exploit()}))
+    assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "not a checkpoint visiontune can load safely" in err and "Traceback" not in err
     evil_weights = tmp_path / "weights.pt"
