@@ -71,7 +71,8 @@ def test_callbacks_see_every_step_epoch_and_the_end_and_change_nothing(tiny_data
     from visiontune.evaluation import evaluate_run, scores_result
 
     assert not end.val_probabilities.flags.writeable
-    kept, fresh = scores_result(watched.path, end.val_probabilities), evaluate_run(watched.path, keep_items=True)
+    kept = scores_result(watched.path, end.val_probabilities, end.best_val_loss)
+    fresh = evaluate_run(watched.path, keep_items=True)
     assert [(i["path"], i["predicted"]) for i in kept["items"]] == [(i["path"], i["predicted"]) for i in fresh["items"]]
     assert [i["probability"] for i in kept["items"]] == pytest.approx([i["probability"] for i in fresh["items"]],
                                                                       abs=1e-5)

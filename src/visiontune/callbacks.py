@@ -131,7 +131,8 @@ class TensorBoardLogger:
             # share the val images: the figures are left to `visiontune report RUN`.
             self.writer.close()
             return
-        result = scores_result(run.run_dir, run.val_probabilities) if run.val_probabilities is not None else None
+        result = scores_result(run.run_dir, run.val_probabilities, run.best_val_loss) \
+            if run.val_probabilities is not None else None
         if result is None:
             result = evaluate_run(run.run_dir, keep_items=True, device=str(run.config.get("device", "auto")))
         if "confusion_matrix" in result:  # one class per image

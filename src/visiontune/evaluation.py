@@ -102,23 +102,15 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     return _result(items, probs, loss_sum, meta, split, tta, top_n, keep_items)
 
 
-def scores_result(run: str | Path, probabilities: np.ndarray) -> dict | None:
-    """evaluate_run's result (items kept) from val probabilities training already computed, in
-    splits/val.csv's order; None when they do not match the run's val split. Its loss is the
-    cross-entropy of those probabilities, without label smoothing or class weights."""
+def scores_result(run: str | Path, probabilities: np.ndarray, loss: float) -> dict | None:
+    """evaluate_run's result (items kept) from the val probabilities and mean loss training already
+    computed, in splits/val.csv's order; None when they do not match the run's val split."""
     folder = RunFolder(run)
     meta = folder.read_model_json()
     items = folder.read_split("val", meta["classes"])
     if len(items) != len(probabilities) or not items:
         return None
-    probs = np.asarray(probabilities, dtype=np.float64)
-    labels = label_tensor(items, len(meta["classes"])).numpy()
-    eps = 1e-12
-    if meta.get("task") == "multi-label":
-        losses = -(labels * np.log(probs + eps) + (1 - labels) * np.log(1 - probs + eps)).mean(axis=1)
-    else:
-        losses = -np.log(probs[np.arange(len(items)), labels] + eps)
-    return _result(items, probs.astype(np.float32), float(losses.sum()), meta, "val", False, 10, True)
+    return _result(items, np.asarray(probabilities), loss * len(items), meta, "val", False, 10, True)
 
 
 def _result(items, probs: np.ndarray, loss_sum: float, meta: dict, split: str, tta: bool, top_n: int,

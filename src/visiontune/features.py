@@ -39,7 +39,7 @@ class FeatureCache:
 
     A run adds a part holding only the entries it computed, and reads the parts memory-mapped, copying
     out only the rows it asks for: neither costs memory or time in proportion to what the cache already
-    holds (rewriting one file per view restacked every entry, 4 copies of 50 000 images' features).
+    holds (rewriting one file per view loaded and restacked every entry it had).
     """
 
     MAX_PARTS = 32  # past this, the next save merges every part into one
@@ -130,12 +130,19 @@ def extract_features(
     # One array for every view's rows, filled in place (at 50 000 images and 1280 dims a view is
     # 256 MB): no per-row arrays, dicts or stacks holding further copies.
     out: np.ndarray | None = None
+
+    def rows_of(dim: int) -> np.ndarray:
+        """`out`, allocated once the feature size is known (from the cache or the first batch)."""
+        nonlocal out
+        if out is None:
+            out = np.zeros((views, len(paths), dim), np.float32)
+        return out
+
     failed: dict[str, str] = {}
     for view in range(views):
         cached, cached_rows = rt.broadcast(cache.load(view, seed, identities) if cache and rt.is_main else ([], None))
         if cached:
-            out = out if out is not None else np.zeros((views, len(paths), cached_rows.shape[1]), np.float32)
-            out[view, cached] = cached_rows
+            rows_of(cached_rows.shape[1])[view, cached] = cached_rows
         del cached_rows
         known = set(cached)
         missing = [i for i in range(len(paths)) if i not in known and str(paths[i]) not in failed]
@@ -167,18 +174,15 @@ def extract_features(
             with torch.inference_mode(), rt.autocast():
                 batch = normalize_batch(torch.stack(images).to(device, non_blocking=True), pre, channels_last)
                 feats = pooled_features(fast_model, batch).float().cpu().numpy()
-            out = out if out is not None else np.zeros((views, len(paths), feats.shape[1]), np.float32)
-            out[view, kept] = feats
+            rows_of(feats.shape[1])[view, kept] = feats
             computed += kept
         if rt.distributed and missing:
             parts = rt.all_gather(({identities[i]: out[view, i] for i in computed}, found))
             by_identity = {k: v for part, _ in parts for k, v in part.items()}
             found = {k: v for _, part in parts for k, v in part.items()}
             computed = [i for i in missing if identities[i] in by_identity]
-            if computed and out is None:
-                out = np.zeros((views, len(paths), len(next(iter(by_identity.values())))), np.float32)
             for i in computed:
-                out[view, i] = by_identity[identities[i]]
+                rows_of(len(by_identity[identities[i]]))[view, i] = by_identity[identities[i]]
             del by_identity
         failed.update(found)
         if cache and computed and rt.is_main:
