@@ -96,6 +96,18 @@ def test_python_dash_m_entry_point():
     assert result.returncode == 0 and "efficientnet_lite0" in result.stdout
 
 
+def test_a_missing_data_path_is_said_before_torch_loads(tmp_path):
+    # torch and timm take seconds to import (and do so in every process under torchrun): a typo in
+    # the path is said without them.
+    missing = tmp_path / "no-such-folder"
+    script = ("import sys; from visiontune.cli import main; code = main(['train', sys.argv[1]]); "
+              "print(code, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script, str(missing)], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["2", "False"], result.stdout + result.stderr
+    assert result.stderr.strip() == (f"visiontune: error: DATA {missing}: no such file or folder; pass a folder of "
+                                      "class folders, a CSV, or a known dataset name.")
+
+
 def test_version_flag_prints_the_package_version(capsys):
     import visiontune
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +18,7 @@ import torch
 
 from visiontune import checkpoint, training
 from visiontune.backbones import build_classifier
+from visiontune.cli import main
 from visiontune.evaluation import evaluate_run
 from visiontune.recipes import lr_multiplier
 from visiontune.runfolder import RunFolder
@@ -185,12 +185,12 @@ def test_two_process_val_metrics_match_one_process_on_the_same_weights(two_proce
     assert result["loss"] == approx_loss(model_json["val_loss"])
 
 
-def test_torchrun_eval_prints_what_one_process_prints(two_process_run):
+def test_torchrun_eval_prints_what_one_process_prints(two_process_run, capsys):
     out, _ = two_process_run
-    one = subprocess.run([sys.executable, "-m", "visiontune", "eval", str(out), "--format", "json"],
-                         capture_output=True, text=True, check=True)
+    assert main(["eval", str(out), "--format", "json"]) == 0
+    one = capsys.readouterr().out
     two = run_torchrun(["-m", "visiontune", "eval", str(out), "--format", "json"])
-    a, b = json.loads(one.stdout), json.loads(two.stdout)  # one JSON document: rank 1 printed nothing
+    a, b = json.loads(one), json.loads(two.stdout)  # one JSON document: rank 1 printed nothing
     assert (a["n"], a["correct"], a["accuracy"]) == (b["n"], b["correct"], b["accuracy"])
     assert a["loss"] == approx_loss(b["loss"])
     assert a["confusion_matrix"] == b["confusion_matrix"]
@@ -260,21 +260,6 @@ def test_a_one_process_run_resumes_with_two(odd_data, ddp_settings, tmp_path, mo
     assert RunFolder(out).load_last()["finished"]
 
 
-def test_fixed_mode_with_two_processes_equals_one_process(odd_data, ddp_settings, tmp_path):
-    # The head trains on gathered features, identically on every rank: the result equals one process's.
-    args = ["train", str(odd_data), "--mode", "fixed", "--epochs", "5", *ddp_settings]
-    run_torchrun(["-m", "visiontune", *args, "--out", str(tmp_path / "two")])
-    shutil.rmtree(Path(ddp_settings[ddp_settings.index("--cache-dir") + 1]), ignore_errors=True)
-    one = subprocess.run([sys.executable, "-m", "visiontune", *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True)
-    assert one.returncode == 0, one.stderr
-    two_rows, one_rows = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
-    for a, b in zip(two_rows, one_rows):
-        assert float(a["val_loss"]) == approx_loss(float(b["val_loss"]))
-        assert a["val_acc"] == b["val_acc"]
-    assert math.isfinite(float(two_rows[-1]["train_loss"]))
-
-
 def test_bad_input_under_torchrun_is_said_once(tmp_path):
     missing = tmp_path / "no-such-folder"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -295,20 +280,35 @@ SAME_MODEL_SCRIPT = textwrap.dedent('''
     run = visiontune.train(data, out=str(out / "run"), **settings)
     state = run.model.state_dict()
     digest = hashlib.sha256(b"".join(state[k].cpu().numpy().tobytes() for k in sorted(state))).hexdigest()
-    (out / f"rank{os.environ['RANK']}.txt").write_text(digest)
+    (out / f"rank{os.environ.get('RANK', '0')}.txt").write_text(digest)
 ''')
 
 
-def test_every_rank_ends_with_the_same_model(odd_data, tiny_weights, tmp_path):
-    # The head of fixed mode trains on every rank without DDP, so it must start from the same
-    # initialisation everywhere; the returned model must be rank 0's on every rank.
+def test_fixed_mode_with_two_processes_equals_one_process(odd_data, tiny_weights, tmp_path):
+    # The head trains on gathered features, identically on every rank: the metrics equal one process's.
+    # It trains on every rank without DDP, so it must start from the same initialisation everywhere;
+    # the returned model must be rank 0's on every rank.
     script = tmp_path / "same.py"
     script.write_text(SAME_MODEL_SCRIPT)
-    settings = {"mode": "fixed", "epochs": 3, "model": "test_efficientnet", "weights": str(tiny_weights),
-                "image_size": 48, "batch_size": 4, "cache_dir": str(tmp_path / "cache"), "quiet": True,
-                "channels_last": False}
-    run_torchrun([str(script), str(odd_data), str(tmp_path), json.dumps(settings)])
-    assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
+    settings = {"mode": "fixed", "epochs": 5, "model": "test_efficientnet", "weights": str(tiny_weights),
+                "image_size": 48, "batch_size": 4, "quiet": True, "channels_last": False, "head_init": "random",
+                "lr": 0.05, "optimizer": "sgd"}
+    for folder in ("two", "one"):  # each its own feature cache: one process computes every feature itself
+        (tmp_path / folder).mkdir()
+        settings_here = json.dumps({**settings, "cache_dir": str(tmp_path / folder / "cache")})
+        if folder == "two":
+            run_torchrun([str(script), str(odd_data), str(tmp_path / folder), settings_here])
+        else:
+            one = subprocess.run([sys.executable, str(script), str(odd_data), str(tmp_path / folder), settings_here],
+                                 capture_output=True, text=True)
+            assert one.returncode == 0, one.stderr
+    assert (tmp_path / "two" / "rank0.txt").read_text() == (tmp_path / "two" / "rank1.txt").read_text()
+    two_rows, one_rows = read_metrics(tmp_path / "two" / "run"), read_metrics(tmp_path / "one" / "run")
+    assert len(two_rows) == len(one_rows) == 5
+    for a, b in zip(two_rows, one_rows):
+        assert float(a["val_loss"]) == approx_loss(float(b["val_loss"]))
+        assert a["val_acc"] == b["val_acc"]
+    assert math.isfinite(float(two_rows[-1]["train_loss"]))
 
 
 def test_auto_mode_under_torchrun_plans_once_and_fine_tunes_with_ddp(odd_data, ddp_settings, tiny_weights, tmp_path):

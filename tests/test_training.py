@@ -206,6 +206,23 @@ def test_feature_cache_adds_a_part_per_save_and_merges_past_the_limit(tmp_path, 
     assert found == [0, 1, 2, 3, 4] and got.tolist() == rows[:5].tolist()
 
 
+def test_unreadable_rows_leave_the_features_in_place_not_in_a_copy():
+    import numpy as np
+
+    from visiontune.features import _drop_rows
+
+    rng = np.random.default_rng(0)
+    for views, n, block in ((1, 50, 4096), (2, 50, 7), (2, 200, 3)):
+        out = rng.standard_normal((views, n, 3)).astype(np.float32)
+        keep = sorted(rng.choice(n, n - 5, replace=False).tolist())  # five unreadable images
+        expected = out[:, keep].copy()
+        kept = _drop_rows(out, keep, block)
+        assert np.array_equal(kept, expected)
+        # The rows moved inside the extraction's own array: no second array of every row at the peak.
+        assert np.shares_memory(kept, out) and kept.base is out
+    assert _drop_rows(out, list(range(n))) is out
+
+
 class StopInEpoch(Exception):
     pass
 

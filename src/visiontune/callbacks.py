@@ -122,7 +122,7 @@ class TensorBoardLogger:
     def on_run_end(self, run: RunEnd) -> None:
         from .evaluation import evaluate_run, scores_result
         from .report import confusion_figure, mistakes_figure
-        from .runtime import env_world
+        from .errors import env_world
 
         self.writer.add_text("run", f"best epoch {run.best_epoch}: val acc {run.best_val_acc:.4f}, val loss "
                                     f"{run.best_val_loss:.4f}; {run.seconds:.1f}s", run.best_epoch)

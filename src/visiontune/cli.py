@@ -56,10 +56,11 @@ def _train_parser(sub) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import read_settings_file
-    from .training import RESUME_OVERRIDES, resume, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "data", "resume", "config")}
     if args.resume:
+        from .training import RESUME_OVERRIDES, resume
+
         if args.data or args.config:
             raise UsageError(f"--resume {args.resume}: takes its data and settings from the run; drop "
                              f"{'DATA (' + args.data + ')' if args.data else '--config'}.")
@@ -77,6 +78,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not data:
         raise UsageError("DATA is missing: pass a folder, a CSV or a known data set name (hymenoptera), "
                          "--config FILE with data, or --resume RUN.")
+    from pathlib import Path
+
+    from .data import missing_data
+    from .known.datasets import KNOWN
+
+    # Said before torch and timm load (several seconds; under torchrun in every process): a mistyped
+    # path should not cost the user that wait.
+    if str(data) not in KNOWN and not Path(data).expanduser().exists():
+        raise missing_data(Path(data).expanduser())
+    from .training import train
+
     train(data, **{**settings, **given})
     return 0
 
@@ -327,7 +339,7 @@ def _print_error(exc: VisiontuneError) -> None:
     """One line. Under torchrun a bad flag or bad data fails every rank alike, so rank 0 alone says
     so; any other failure is said by the rank it happened on, tagged with that rank (torchrun then
     ends the other ranks)."""
-    from .runtime import env_world
+    from .errors import env_world
 
     rank, _, world = env_world()
     if world > 1 and rank > 0:

@@ -260,11 +260,15 @@ def stratified_split(
     return sorted(kept), sorted(held)
 
 
+def missing_data(root: Path) -> UsageError:
+    return UsageError(f"DATA {root}: no such file or folder; pass a folder of class folders, a CSV, or a known dataset name.")
+
+
 def discover(data: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Splits:
     """Find the images and splits of a data folder or CSV; raise a one-sentence error if unusable."""
     root = Path(data).expanduser()
     if not root.exists():
-        raise UsageError(f"DATA {root}: no such file or folder; pass a folder of class folders, a CSV, or a known dataset name.")
+        raise missing_data(root)
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise UsageError(f"DATA {root}: is a file but not a .csv; pass a folder of class folders or a path,label CSV.")

@@ -6,6 +6,15 @@ traceback for these. Exit codes a script can tell apart: 0 ok, 1 failed
 interrupted.
 """
 
+import os
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) without torchrun.
+    Here, not in runtime (which loads torch), because which rank says an error is decided without torch."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
+
 
 class VisiontuneError(Exception):
     """Base class: a problem the user can fix. Exit code 1 (data/runtime)."""

@@ -194,9 +194,28 @@ def extract_features(
     if out is None or not keep:
         features = torch.zeros(views, 0, 0)
     else:
-        features = torch.from_numpy(out if len(keep) == len(paths) else out[:, keep])
+        features = torch.from_numpy(_drop_rows(out, keep))
     # In the order of `paths`, whichever rank found them.
     return features, {str(p): failed[str(p)] for p in paths if str(p) in failed}
+
+
+def _drop_rows(out: np.ndarray, keep: list[int], block: int = 4096) -> np.ndarray:
+    """`out[:, keep]` (keep ascending), moved forward inside `out` instead of copied: `out[:, keep]`
+    would hold a second array of every row while the first still exists (at 50 000 images, 256 MB
+    more at the peak for a few unreadable files)."""
+    if len(keep) == out.shape[1]:
+        return out
+    keep_array = np.asarray(keep)
+    # Rows move to lower indices only (keep[j] >= j), so block-wise copies front to back never read a
+    # row already overwritten; each block's own overlap costs numpy at most one block-sized buffer.
+    for start in range(0, len(keep_array), block):
+        sources = keep_array[start : start + block]
+        first, last = int(sources[0]), int(sources[-1])
+        if last - first + 1 == len(sources):  # one contiguous run: a slice, not a gathered copy
+            out[:, start : start + len(sources)] = out[:, first : last + 1]
+        else:
+            out[:, start : start + len(sources)] = out[:, sources]
+    return out[:, : len(keep_array)]
 
 
 class FeatureBatches:

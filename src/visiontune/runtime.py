@@ -19,7 +19,7 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from .errors import UsageError, VisiontuneError
+from .errors import UsageError, VisiontuneError, env_world
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -155,12 +155,6 @@ class ShardSampler(torch.utils.data.Sampler):
             return iter(order)
         order += order[: (-len(order)) % self.world_size]
         return iter(order[self.rank :: self.world_size])
-
-
-def env_world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) without torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world
 
 
 def start(device: str = "auto", precision: str = "auto", deterministic: bool = False) -> Runtime:
