@@ -7,19 +7,25 @@ accuracy after the steps. docs/recipes.md has its table for eurosat10.
 
 usage: python bench/first_steps.py DATA VARIANT [VARIANT ...]
   VARIANT: comma-separated key=value, keys: bn (train|frozen), lr, opt (sgd|adamw), steps, warm,
-           size (train crop), aug, decay (layer-wise lr decay), wd; e.g. bn=frozen,lr=1e-4,opt=adamw,steps=50
-  SIZE=N in the environment sets the eval size (and so the probe's features).
+           size (train crop), aug, decay (layer-wise lr decay), wd, headx (the classifier's lr as a
+           multiple of lr), scale (the random resized crop's smallest area, default 0.25), eps (AdamW's);
+           e.g. bn=frozen,lr=1e-4,opt=adamw,steps=50
+  SIZE=N in the environment sets the eval size (and so the probe's features); SEED=N the run's seed.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import sys
 import time
 from dataclasses import replace
 
-from visiontune import runtime
+import torch
+
+from visiontune import pipeline, runtime
+from visiontune.preprocess import TrainTransform
 from visiontune.config import TrainConfig
 from visiontune.engine import evaluate, train_one_epoch
 from visiontune.pipeline import build_setup, full_stage, image_val_batches
@@ -28,7 +34,8 @@ from visiontune.training import probe_row
 
 def main() -> int:
     data, variants = sys.argv[1], sys.argv[2:]
-    cfg = TrainConfig(data=data, quiet=True, image_size=int(os.environ.get("SIZE", 0)) or None).resolved()
+    cfg = TrainConfig(data=data, quiet=True, image_size=int(os.environ.get("SIZE", 0)) or None,
+                      seed=int(os.environ.get("SEED", 0))).resolved()
     s = build_setup(cfg, runtime.start("cpu", "fp32", False))
     print("probe val acc", probe_row(s)["val_acc"], flush=True)
     probe_state = copy.deepcopy(s.model.state_dict())
@@ -39,13 +46,30 @@ def main() -> int:
                     warmup_epochs=float(kv.get("warm", 0)), schedule="constant",
                     train_size=int(kv.get("size", s.cfg.train_size)), augment=kv.get("aug", "light"),
                     lr_decay=float(kv["decay"]) if "decay" in kv else None, weight_decay=float(kv.get("wd", 1e-4)))
+        pipeline.TrainTransform = functools.partial(TrainTransform, scale=(float(kv.get("scale", 0.25)), 1.0))
         stage = full_stage(replace(s, cfg=c), 3)
+        scheduler = stage.scheduler
+        if "headx" in kv or "eps" in kv:  # the same groups, the classifier's apart; constant lr, no scheduler
+            head = {id(p) for p in s.model.get_classifier().parameters()}
+            groups = []
+            for group in stage.optimizer.param_groups:
+                for is_head in (False, True):
+                    params = [p for p in group["params"] if (id(p) in head) == is_head]
+                    if params:
+                        factor = float(kv.get("headx", 1)) if is_head else 1.0
+                        groups.append({"params": params, "weight_decay": group["weight_decay"],
+                                       "lr": group["lr"] * factor})
+            kind = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.SGD
+            extra = {"eps": float(kv.get("eps", 1e-8))} if c.optimizer == "adamw" else {
+                "momentum": c.momentum, "nesterov": c.momentum > 0}
+            stage = replace(stage, optimizer=kind(groups, lr=c.lr, **extra))
+            scheduler = None
         batches = iter(stage.train_batches)
         taken = [next(batches) for _ in range(int(kv.get("steps", 20)))]
         losses: list[float] = []
         start = time.time()
         trained = train_one_epoch(stage.trainable, taken, stage.optimizer, prepare=stage.prepare,
-                                  scheduler=stage.scheduler, frozen=stage.frozen,
+                                  scheduler=scheduler, frozen=stage.frozen,
                                   on_step=lambda loss: losses.append(round(float(loss), 3)))
         val = evaluate(s.model, image_val_batches(s), prepare=s.prepare)
         print(f"{variant}: step losses {losses[:5]} ... {losses[-5:]}; train acc {trained.accuracy:.3f}; "

@@ -204,6 +204,11 @@ def test_feature_cache_adds_a_part_per_save_and_merges_past_the_limit(tmp_path, 
     assert len(list((tmp_path / "features").glob("*.ids.npy"))) == 1
     found, got = cache.load(0, 0, ["a", "b", "c", "d", "e"])
     assert found == [0, 1, 2, 3, 4] and got.tolist() == rows[:5].tolist()
+    # Only some rows of an array (the others were unreadable images): written a block at a time.
+    picked = FeatureCache(tmp_path / "picked", {"arch": "t"})
+    picked.save(0, 0, ["p", "q", "r"], rows, which=[4, 1, 5])
+    found, got = picked.load(0, 0, ["q", "r", "p"])
+    assert found == [2, 0, 1] and got.tolist() == [rows[4].tolist(), rows[1].tolist(), rows[5].tolist()]
 
 
 def test_unreadable_rows_leave_the_features_in_place_not_in_a_copy():

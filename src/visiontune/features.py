@@ -76,24 +76,37 @@ class FeatureCache:
                 blocks.append(np.asarray(features[[row for _, row in hits]], dtype=np.float32))
         return found, (np.concatenate(blocks) if len(blocks) > 1 else blocks[0]) if blocks else None
 
-    def save(self, view: int, seed: int, identities: list[str], rows: np.ndarray) -> None:
-        """A new part with these entries (none of them already in the cache)."""
+    def save(self, view: int, seed: int, identities: list[str], rows: np.ndarray,
+             which: list[int] | None = None) -> None:
+        """A new part with these entries (none of them already in the cache): `rows`, or `rows[which]`."""
         stem = self._stem(view, seed)
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = sorted(self.directory.glob(f"{stem}.*.ids.npy"))
         if len(existing) >= self.MAX_PARTS:
             parts = self._parts(view, seed)
             identities = [n for names, _ in parts for n in names.tolist()] + list(identities)
-            rows = np.concatenate([np.asarray(f) for _, f in parts] + [rows])
+            rows = np.concatenate([np.asarray(f) for _, f in parts] + [rows if which is None else rows[which]])
+            which = None
         number = max((int(f.name.split(".")[1]) for f in existing), default=-1) + 1
         # Features first, identities last: a part is read only once its identities file exists.
-        atomic_write(self.directory / f"{stem}.{number}.npy", lambda f: np.save(f, rows), durable=False)
+        atomic_write(self.directory / f"{stem}.{number}.npy", lambda f: _write_rows(f, rows, which), durable=False)
         atomic_write(self.directory / f"{stem}.{number}.ids.npy", lambda f: np.save(f, np.array(identities)),
                      durable=False)
         if len(existing) >= self.MAX_PARTS:
             for ids_file in existing:
                 ids_file.with_name(ids_file.name.replace(".ids.npy", ".npy")).unlink(missing_ok=True)
                 ids_file.unlink(missing_ok=True)
+
+
+def _write_rows(file, rows: np.ndarray, which: list[int] | None, block: int = 4096) -> None:
+    """`np.save(file, rows if which is None else rows[which])` a block of rows at a time: `rows[which]`
+    whole would be a second copy of nearly every row (256 MB at 50 000 images) at the memory peak."""
+    count = len(rows) if which is None else len(which)
+    np.lib.format.write_array_header_1_0(file, {"descr": np.lib.format.dtype_to_descr(rows.dtype),
+                                                "fortran_order": False, "shape": (count, *rows.shape[1:])})
+    for start in range(0, count, block):
+        chunk = rows[start : start + block] if which is None else rows[which[start : start + block]]
+        file.write(np.ascontiguousarray(chunk).tobytes())
 
 
 def extract_features(
@@ -187,7 +200,7 @@ def extract_features(
         failed.update(found)
         if cache and computed and rt.is_main:
             every_row_new = len(computed) == len(paths)  # then out[view] is the rows, without a copy
-            cache.save(view, seed, [identities[i] for i in computed], out[view] if every_row_new else out[view, computed])
+            cache.save(view, seed, [identities[i] for i in computed], out[view], None if every_row_new else computed)
         if len(paths) > 4 * batch_size:
             release_freed_memory()  # the pass's decode and batch buffers, before the next view or the head
     keep = [i for i, p in enumerate(paths) if str(p) not in failed]
