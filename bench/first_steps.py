@@ -16,7 +16,6 @@ usage: python bench/first_steps.py DATA VARIANT [VARIANT ...]
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import sys
 import time
@@ -24,8 +23,7 @@ from dataclasses import replace
 
 import torch
 
-from visiontune import pipeline, runtime
-from visiontune.preprocess import TrainTransform
+from visiontune import runtime
 from visiontune.config import TrainConfig
 from visiontune.engine import evaluate, train_one_epoch
 from visiontune.pipeline import build_setup, full_stage, image_val_batches
@@ -37,32 +35,25 @@ def main() -> int:
     cfg = TrainConfig(data=data, quiet=True, image_size=int(os.environ.get("SIZE", 0)) or None,
                       seed=int(os.environ.get("SEED", 0))).resolved()
     s = build_setup(cfg, runtime.start("cpu", "fp32", False))
-    print("probe val acc", probe_row(s)["val_acc"], flush=True)
+    print("probe val acc", probe_row(s)[0]["val_acc"], flush=True)
     probe_state = copy.deepcopy(s.model.state_dict())
+    # Every variant draws the same batches (and crops) as the run's first fine-tuning epoch would.
+    generator_state, torch_state = s.generator.get_state(), torch.get_rng_state()
     for variant in variants:
         kv = dict(item.split("=") for item in variant.split(","))
         s.model.load_state_dict(probe_state)
+        s.generator.set_state(generator_state)
+        torch.set_rng_state(torch_state)
         c = replace(s.cfg, bn=kv.get("bn", "train"), lr=float(kv.get("lr", 0.003)), optimizer=kv.get("opt", "sgd"),
                     warmup_epochs=float(kv.get("warm", 0)), schedule="constant",
                     train_size=int(kv.get("size", s.cfg.train_size)), augment=kv.get("aug", "light"),
-                    lr_decay=float(kv["decay"]) if "decay" in kv else None, weight_decay=float(kv.get("wd", 1e-4)))
-        pipeline.TrainTransform = functools.partial(TrainTransform, scale=(float(kv.get("scale", 0.25)), 1.0))
+                    lr_decay=float(kv["decay"]) if "decay" in kv else None, weight_decay=float(kv.get("wd", 1e-4)),
+                    head_lr_mult=float(kv.get("headx", 1)), crop_scale=float(kv.get("scale", 0.25)))
         stage = full_stage(replace(s, cfg=c), 3)
         scheduler = stage.scheduler
-        if "headx" in kv or "eps" in kv:  # the same groups, the classifier's apart; constant lr, no scheduler
-            head = {id(p) for p in s.model.get_classifier().parameters()}
-            groups = []
-            for group in stage.optimizer.param_groups:
-                for is_head in (False, True):
-                    params = [p for p in group["params"] if (id(p) in head) == is_head]
-                    if params:
-                        factor = float(kv.get("headx", 1)) if is_head else 1.0
-                        groups.append({"params": params, "weight_decay": group["weight_decay"],
-                                       "lr": group["lr"] * factor})
-            kind = torch.optim.AdamW if c.optimizer == "adamw" else torch.optim.SGD
-            extra = {"eps": float(kv.get("eps", 1e-8))} if c.optimizer == "adamw" else {
-                "momentum": c.momentum, "nesterov": c.momentum > 0}
-            stage = replace(stage, optimizer=kind(groups, lr=c.lr, **extra))
+        if "eps" in kv:  # AdamW's epsilon: the same groups, a new optimizer, constant lr without a scheduler
+            stage = replace(stage, optimizer=torch.optim.AdamW(stage.optimizer.param_groups, lr=c.lr,
+                                                               eps=float(kv["eps"])))
             scheduler = None
         batches = iter(stage.train_batches)
         taken = [next(batches) for _ in range(int(kv.get("steps", 20)))]

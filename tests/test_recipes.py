@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torchvision.transforms import v2
 
 import visiontune
 from visiontune.config import TrainConfig
+from visiontune.errors import VisiontuneError
 from visiontune.engine import train_one_epoch
 from visiontune.preprocess import Preprocessing, TrainTransform
 from visiontune.recipes import (inverse_frequency_weights, layer_decay_groups, lr_multiplier, make_optimizer,
@@ -82,6 +84,41 @@ def test_layer_decay_gives_lower_rates_to_earlier_blocks(tiny_weights):
     optimizer = make_optimizer(TrainConfig(data="x", lr=0.01, lr_decay=0.5, optimizer="adamw"),
                                list(model.named_parameters()), model)
     assert isinstance(optimizer, torch.optim.AdamW) and len({g["lr"] for g in optimizer.param_groups}) > 2
+
+
+def test_head_lr_mult_gives_the_new_head_its_own_rate(tiny_weights):
+    from visiontune.backbones import build_classifier
+
+    model, _ = build_classifier("test_efficientnet", 2, tiny_weights)
+    for lr_decay in (None, 0.5):
+        cfg = TrainConfig(data="x", lr=0.01, optimizer="adamw", head_lr_mult=30, lr_decay=lr_decay)
+        optimizer = make_optimizer(cfg, list(model.named_parameters()), model)
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        assert len(lr_of) == len(list(model.parameters()))  # every parameter once
+        assert lr_of[id(model.classifier.weight)] == lr_of[id(model.classifier.bias)] == pytest.approx(0.3)
+        assert lr_of[id(model.conv_head.weight)] <= 0.01  # the pretrained body keeps lr (or less, decayed)
+        # Decay stays off norms and biases in the head's own groups too.
+        decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+        assert decay_of[id(model.classifier.weight)] > 0 and decay_of[id(model.classifier.bias)] == 0
+        # The schedule scales every group alike: the head stays 30x the body.
+        torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+        scheduled = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        assert scheduled[id(model.classifier.weight)] == pytest.approx(0.15)
+        assert scheduled[id(model.conv_head.weight)] == pytest.approx(lr_of[id(model.conv_head.weight)] / 2)
+    with pytest.raises(VisiontuneError, match="--head-lr-mult"):
+        TrainConfig(data="x", head_lr_mult=0).resolved()
+
+
+def test_crop_scale_reaches_the_fine_tuning_crops(tiny_data, tiny_settings):
+    from visiontune import runtime
+    from visiontune.pipeline import build_setup, full_stage
+
+    cfg = TrainConfig(data=str(tiny_data), **{k: v for k, v in tiny_settings.items() if k != "epochs"},
+                      crop_scale=0.6).resolved()
+    stage = full_stage(build_setup(cfg, runtime.start("cpu", "fp32", False)), 1)
+    crops = [t for t in stage.train_batches.loader.dataset.transform.augment.transforms
+             if isinstance(t, v2.RandomResizedCrop)]
+    assert [c.scale for c in crops] == [(0.6, 1.0)]
 
 
 def test_augment_levels():

@@ -228,6 +228,31 @@ def test_unreadable_rows_leave_the_features_in_place_not_in_a_copy():
     assert _drop_rows(out, list(range(n))) is out
 
 
+@pytest.mark.parametrize("views", [1, 2])
+def test_large_feature_sets_are_read_from_the_cache_files_exactly_as_in_memory(tiny_data, tiny_settings, tmp_path,
+                                                                               monkeypatch, views):
+    from safetensors.torch import load_file
+
+    from visiontune import features
+
+    (tiny_data / "train" / "ants" / "broken.png").write_bytes(b"not a png")  # left out of the rows
+    settings = {**tiny_settings, "mode": "fixed", "epochs": 3, "views": views}
+    in_memory = tmp_path / "in-memory"
+    visiontune.train(tiny_data, out=str(in_memory), **{**settings, "cache_dir": str(tmp_path / "c1")})
+    monkeypatch.setattr(features, "ON_DISK_MIN_ROWS", 0)  # what a set of tens of thousands of images gets
+    opened = []
+    original_init = features.FeaturesOnDisk.__init__
+    monkeypatch.setattr(features.FeaturesOnDisk, "__init__",
+                        lambda self, *a: (opened.append(len(a[0])), original_init(self, *a))[1])
+    for name in ("on-disk", "on-disk-again"):  # rows written part by part, then all read back from the cache
+        visiontune.train(tiny_data, out=str(tmp_path / name), **{**settings, "cache_dir": str(tmp_path / "c2")})
+        assert read_metrics(tmp_path / name, timing=False) == read_metrics(in_memory, timing=False)
+        trained, expected = load_file(str(tmp_path / name / "best.safetensors")), load_file(str(in_memory / "best.safetensors"))
+        assert all(torch.equal(trained[k], expected[k]) for k in expected)
+    assert opened == [views, 1, views, 1]  # part files of train (a part per view) and val, in both runs
+    assert (tmp_path / "on-disk" / "excluded.csv").read_text().count("broken.png") == 1
+
+
 class StopInEpoch(Exception):
     pass
 

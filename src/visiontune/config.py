@@ -112,6 +112,12 @@ class TrainConfig:
     lr_decay: float | None = None
     """Layer-wise learning-rate decay for fine-tuning: each block group from the head down gets lr
     multiplied by this factor once more (e.g. 0.7); None: one learning rate."""
+    head_lr_mult: float = 1.0
+    """Fine-tuning: the new head's learning rate as a multiple of lr (fastai's discriminative rates:
+    the head higher than the pretrained body), e.g. 30; 1: one learning rate."""
+    crop_scale: float = 0.25
+    """Fine-tuning: the smallest area of the random resized crop, as a share of the image (timm's
+    --scale): 0.08 crops hard, 1 only reshapes."""
     seed: int = 0
     """Seed of every random choice (splits, initialisation, augmentation, batch order)."""
     out: str | None = None
@@ -203,6 +209,8 @@ class TrainConfig:
         need(self.accumulate >= 1, "--accumulate", self.accumulate, "use 1 or more")
         need(self.patience is None or self.patience >= 1, "--patience", self.patience, "use 1 or more")
         need(self.lr_decay is None or 0 < self.lr_decay <= 1, "--lr-decay", self.lr_decay, "use a value in (0, 1]")
+        need(self.head_lr_mult > 0, "--head-lr-mult", self.head_lr_mult, "use a value above 0 (1: one learning rate)")
+        need(0 < self.crop_scale <= 1, "--crop-scale", self.crop_scale, "use a share of the image in (0, 1]")
         need(self.bn in BN_POLICIES, "--bn", self.bn, f"use one of {', '.join(BN_POLICIES)}")
         need(self.threads is None or self.threads >= 1, "--threads", self.threads, "use 1 or more")
         need(isinstance(self.head_epochs, int) and self.head_epochs >= 0, "--head-epochs", self.head_epochs,

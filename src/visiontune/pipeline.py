@@ -400,7 +400,8 @@ def full_stage(s: Setup, epochs: int) -> Stage:
     cfg, model = s.cfg, s.model
     frozen = freeze_for_mode(cfg, model, "full")
     optimizer = make_optimizer(cfg, [(n, p) for n, p in model.named_parameters()], model)
-    train_batches = image_train_batches(s, TrainTransform(s.pre, cfg.train_size, strength=cfg.augment))
+    train_batches = image_train_batches(s, TrainTransform(s.pre, cfg.train_size, (cfg.crop_scale, 1.0),
+                                                          strength=cfg.augment))
     steps = math.ceil(len(train_batches) / cfg.accumulate)
     mix = MixBatch(len(s.classes), cfg.mixup, cfg.cutmix) if cfg.mixup > 0 or cfg.cutmix > 0 else None
     return Stage("full", epochs, cfg.lr, model, _wrap(s, model), train_batches, image_val_batches(s), s.prepare,

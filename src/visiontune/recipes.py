@@ -30,9 +30,24 @@ def make_optimizer(cfg: TrainConfig, params: list[tuple[str, nn.Parameter]],
         groups = layer_decay_groups(model, cfg.lr, cfg.weight_decay, cfg.lr_decay)
     else:
         groups = param_groups(params, cfg.weight_decay)
+    if model is not None and cfg.head_lr_mult != 1.0:
+        groups = _head_apart(groups, model, cfg.lr, cfg.head_lr_mult)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def _head_apart(groups: list[dict], model: nn.Module, lr: float, mult: float) -> list[dict]:
+    """Each group split in two: the classifier's parameters get the group's lr times `mult`."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    split = []
+    for group in groups:
+        for is_head in (False, True):
+            params = [p for p in group["params"] if (id(p) in head) == is_head]
+            if params:
+                group_lr = group.get("lr", lr)
+                split.append({**group, "params": params, "lr": group_lr * mult if is_head else group_lr})
+    return split
 
 
 def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, decay: float) -> list[dict]:
