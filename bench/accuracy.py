@@ -51,6 +51,8 @@ VISIONTUNE_ROWS = {
     "fixed": ["--mode", "fixed"],
     "staged": ["--mode", "staged"],
     "auto": ["--mode", "auto", "--budget", "4m"],
+    # Candidate (2026-12-01): the default with milder fine-tuning crops (smallest area 60% instead of 25%).
+    "crop60": ["--crop-scale", "0.6"],
 }
 ROWS = [*VISIONTUNE_ROWS, "tutorial", "fastai"]
 ONE_SEED_ROWS = {"tutorial", "fastai"}
