@@ -204,6 +204,20 @@ def test_feature_cache_adds_a_part_per_save_and_merges_past_the_limit(tmp_path, 
     assert len(list((tmp_path / "features").glob("*.ids.npy"))) == 1
     found, got = cache.load(0, 0, ["a", "b", "c", "d", "e"])
     assert found == [0, 1, 2, 3, 4] and got.tolist() == rows[:5].tolist()
+    # A part written row by row as computed, two of its places left empty (unreadable images): those
+    # are never found, and a merge leaves them out.
+    written = FeatureCache(tmp_path / "written", {"arch": "t"})
+    writer = written.new_part(0, 0, 5, 2)
+    writer.write([3, 0], ["w3", "w0"], rows[[3, 0]])
+    writer.write([2], ["w2"], rows[[2]])
+    writer.finish()
+    assert written.locate(0, 0, ["w0", "w1", "w2", "w3"])[0] == [0, 2, 3]
+    monkeypatch.setattr(FeatureCache, "MAX_PARTS", 1)
+    written.save(0, 0, ["s5"], rows[5:6])
+    (ids_file,) = (tmp_path / "written" / "features").glob("*.ids.npy")
+    assert np.load(ids_file).tolist() == ["w0", "w2", "w3", "s5"]
+    found, got = written.load(0, 0, ["s5", "w3", "w2", "w0"])
+    assert found == [3, 2, 1, 0] and got.tolist() == rows[[0, 2, 3, 5]].tolist()
     # Only some rows of an array (the others were unreadable images): written a block at a time.
     picked = FeatureCache(tmp_path / "picked", {"arch": "t"})
     picked.save(0, 0, ["p", "q", "r"], rows, which=[4, 1, 5])
