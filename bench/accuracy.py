@@ -156,6 +156,8 @@ def table(results: list[dict]) -> str:
                              f"{' / '.join(f'{-d:+.3f}' for d in drops)}")
             if row == "default":
                 notes.append(f"{s['runs'][0]['epochs']} epochs at {s['runs'][0]['train_size']} px")
+            for source in sorted({r["source"] for r in s["runs"] if r.get("source")}):
+                notes.append(f"from {source}")
             per_seed = " / ".join(f"{r['best_val_acc']:.4f}" for r in s["runs"])
             lines.append(f"| {name} | {row} | {','.join(map(str, s['seeds']))} | {s['mean']:.4f} ({s['min']:.4f}) | "
                          f"{per_seed} | {s['wall']:.0f} | {'; '.join(notes)} |")
