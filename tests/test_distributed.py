@@ -287,7 +287,11 @@ SAME_MODEL_SCRIPT = textwrap.dedent('''
 def test_fixed_mode_with_two_processes_equals_one_process(odd_data, tiny_weights, tmp_path):
     # The head trains on gathered features, identically on every rank: the metrics equal one process's.
     # It trains on every rank without DDP, so it must start from the same initialisation everywhere;
-    # the returned model must be rank 0's on every rank.
+    # the returned model must be rank 0's on every rank. The two processes read WebDataset shards of
+    # the folder (each rank its share of the samples), the one process the folder itself.
+    from visiontune.shards import write_shards
+
+    write_shards(odd_data, tmp_path / "shards", shard_size=7)
     script = tmp_path / "same.py"
     script.write_text(SAME_MODEL_SCRIPT)
     settings = {"mode": "fixed", "epochs": 5, "model": "test_efficientnet", "weights": str(tiny_weights),
@@ -297,11 +301,13 @@ def test_fixed_mode_with_two_processes_equals_one_process(odd_data, tiny_weights
         (tmp_path / folder).mkdir()
         settings_here = json.dumps({**settings, "cache_dir": str(tmp_path / folder / "cache")})
         if folder == "two":
-            run_torchrun([str(script), str(odd_data), str(tmp_path / folder), settings_here])
+            run_torchrun([str(script), str(tmp_path / "shards"), str(tmp_path / folder), settings_here])
         else:
             one = subprocess.run([sys.executable, str(script), str(odd_data), str(tmp_path / folder), settings_here],
                                  capture_output=True, text=True)
             assert one.returncode == 0, one.stderr
+    written = json.loads((tmp_path / "two" / "run" / "config.json").read_text())
+    assert (written["data"]["layout"], written["processes"]) == ("shards", 2)
     assert (tmp_path / "two" / "rank0.txt").read_text() == (tmp_path / "two" / "rank1.txt").read_text()
     two_rows, one_rows = read_metrics(tmp_path / "two" / "run"), read_metrics(tmp_path / "one" / "run")
     assert len(two_rows) == len(one_rows) == 5
