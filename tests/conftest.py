@@ -52,6 +52,24 @@ def read_metrics(run_dir: Path, timing: bool = True) -> list[dict]:
     return rows if timing else without_timing(rows)
 
 
+class StopInEpoch(Exception):
+    """Raised by `stop_in_epoch`: stands for a run killed in that epoch, before its row is written."""
+
+
+def stop_in_epoch(monkeypatch, stop_at: int) -> None:
+    """Make training raise StopInEpoch when epoch `stop_at` ends (before its row and checkpoint)."""
+    from visiontune import training
+
+    epoch_row = training._epoch_row
+
+    def stopping(s, folder, loop, stage, epoch, *args):
+        if epoch == stop_at:
+            raise StopInEpoch
+        return epoch_row(s, folder, loop, stage, epoch, *args)
+
+    monkeypatch.setattr(training, "_epoch_row", stopping)
+
+
 def needs_hymenoptera():
     return pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"{HYMENOPTERA} not present")
 

@@ -10,7 +10,7 @@ import torch
 import visiontune
 from visiontune.evaluation import evaluate_run
 
-from .conftest import read_metrics
+from .conftest import StopInEpoch, read_metrics, stop_in_epoch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -49,26 +49,15 @@ def test_fixed_mode_features_on_the_gpu_match_the_cpu(tiny_data, tiny_settings, 
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-3)
 
 
-class StopInEpoch(Exception):
-    pass
-
-
 def test_fp16_resume_equals_the_uninterrupted_run(tiny_data, tiny_settings, tmp_path, monkeypatch):
     # fp16 trains through a GradScaler whose scale moves with overflowing steps: last.ckpt carries its
     # state, so a resumed run takes exactly the steps the uninterrupted one took.
-    from visiontune import checkpoint, training
+    from visiontune import checkpoint
 
     settings = {**tiny_settings, "epochs": 4, "device": "cuda", "precision": "fp16", "deterministic": True}
     whole = visiontune.train(tiny_data, out=str(tmp_path / "whole"), **settings)
-    epoch_row = training._epoch_row
-
-    def stop_in_epoch_3(s, folder, loop, stage, epoch, *args):
-        if epoch == 3:
-            raise StopInEpoch
-        return epoch_row(s, folder, loop, stage, epoch, *args)
-
     with monkeypatch.context() as patch:
-        patch.setattr(training, "_epoch_row", stop_in_epoch_3)
+        stop_in_epoch(patch, 3)
         with pytest.raises(StopInEpoch):
             visiontune.train(tiny_data, out=str(tmp_path / "split"), **settings)
     saved = checkpoint.load_training_state(tmp_path / "split" / "last.ckpt")

@@ -16,7 +16,7 @@ from visiontune import checkpoint
 from visiontune.errors import UsageError
 from visiontune.runfolder import RunFolder
 
-from .conftest import approx_loss, read_metrics, without_timing
+from .conftest import StopInEpoch, approx_loss, read_metrics, stop_in_epoch, without_timing
 
 
 def test_run_folder_has_everything_predict_needs(tiny_data, tiny_settings, tmp_path):
@@ -267,10 +267,6 @@ def test_large_feature_sets_are_read_from_the_cache_files_exactly_as_in_memory(t
     assert (tmp_path / "on-disk" / "excluded.csv").read_text().count("broken.png") == 1
 
 
-class StopInEpoch(Exception):
-    pass
-
-
 def test_head_stage_writes_last_ckpt_sparingly_and_resumes_exactly(tiny_data, tiny_settings, tmp_path, monkeypatch):
     from visiontune import training
 
@@ -288,15 +284,8 @@ def test_head_stage_writes_last_ckpt_sparingly_and_resumes_exactly(tiny_data, ti
     assert saved == [0, 1, 2, 3, 4, 5, 6, 6]
     # Stopped in epoch 4 with last.ckpt from epoch 0: the resumed run is the uninterrupted one.
     monkeypatch.setattr(training, "HEAD_STAGE_SAVE_EVERY_S", 10.0)
-    epoch_row = training._epoch_row
-
-    def stop_in_epoch_4(s, folder, loop, stage, epoch, *args):
-        if epoch == 4:
-            raise StopInEpoch
-        return epoch_row(s, folder, loop, stage, epoch, *args)
-
     with monkeypatch.context() as patch:
-        patch.setattr(training, "_epoch_row", stop_in_epoch_4)
+        stop_in_epoch(patch, 4)
         with pytest.raises(StopInEpoch):
             visiontune.train(tiny_data, out=str(tmp_path / "split"), **settings)
     assert checkpoint.load_training_state(tmp_path / "split" / "last.ckpt")["epoch"] == 0
