@@ -53,6 +53,10 @@ VISIONTUNE_ROWS = {
     "auto": ["--mode", "auto", "--budget", "4m"],
     # Candidate (2026-12-01): the default with milder fine-tuning crops (smallest area 60% instead of 25%).
     "crop60": ["--crop-scale", "0.6"],
+    # Candidate (2026-12-01, fourth pass; not taken, docs/recipes.md): twice the fine-tuning epochs, for sets whose 3 epochs are few steps.
+    "epochs6": ["--epochs", "6"],
+    # Candidate (2026-12-01, fourth pass; not taken): a 3x larger AdamW step, reached over a one-epoch warm-up.
+    "lr3e-4w1": ["--lr", "3e-4", "--warmup-epochs", "1"],
 }
 ROWS = [*VISIONTUNE_ROWS, "tutorial", "fastai"]
 ONE_SEED_ROWS = {"tutorial", "fastai"}
