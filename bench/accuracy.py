@@ -47,6 +47,9 @@ SETS = {"hymenoptera": "hymenoptera_data", "sign_digits": "sign_digits", "eurosa
         "trashnet": "trashnet"}
 VISIONTUNE_ROWS = {
     "default": [],
+    # The default from 2026-11-30 to 2026-12-02 (pretrained BatchNorm statistics kept, AdamW 1e-4, on every set),
+    # before --bn auto measured the policy on the data.
+    "frozen": ["--bn", "frozen"],
     "before": ["--optimizer", "sgd", "--lr", "0.003", "--bn", "train"],
     "fixed": ["--mode", "fixed"],
     "staged": ["--mode", "staged"],
@@ -121,6 +124,9 @@ def run_visiontune(row: str, data: Path, seed: int, cache: Path) -> dict:
     result = {"best_val_acc": float(model["val_acc"]), "best_epoch": int(model["best_epoch"]), "wall": wall,
               "val_accs": [float(r["val_acc"]) for r in rows], "stages": [r["stage"] for r in rows],
               "epochs": config["epochs"], "train_size": config["train_size"]}
+    if "bn_decision" in json.loads((out / "config.json").read_text()):
+        decision = json.loads((out / "config.json").read_text())["bn_decision"]
+        result["bn"], result["bn_agreement"] = decision["bn"], decision["agreement"]
     if (out / "auto.json").is_file():
         result["decision"] = json.loads((out / "auto.json").read_text())["decision"]
     shutil.rmtree(out.parent, ignore_errors=True)
@@ -160,6 +166,8 @@ def table(results: list[dict]) -> str:
                              f"{' / '.join(f'{-d:+.3f}' for d in drops)}")
             if row == "default":
                 notes.append(f"{s['runs'][0]['epochs']} epochs at {s['runs'][0]['train_size']} px")
+            if any("bn" in r for r in s["runs"]):
+                notes.append("--bn auto chose " + " / ".join(f"{r.get('bn')} ({r.get('bn_agreement')})" for r in s["runs"]))
             for source in sorted({r["source"] for r in s["runs"] if r.get("source")}):
                 notes.append(f"from {source}")
             per_seed = " / ".join(f"{r['best_val_acc']:.4f}" for r in s["runs"])

@@ -59,7 +59,8 @@ def test_thresholds_and_report_on_known_values():
 
 def test_multilabel_end_to_end(multilabel_csv, tiny_settings, tmp_path, capsys):
     run = visiontune.train(multilabel_csv, out=str(tmp_path / "run"),
-                           **{**tiny_settings, "epochs": 10, "batch_size": 8, "lr": 0.01, "bn": "train"})
+                           **{**tiny_settings, "epochs": 10, "batch_size": 8, "lr": 0.01, "bn": "train",
+                           "optimizer": "adamw"})
     meta = json.loads((run.path / "model.json").read_text())
     assert meta["task"] == "multi-label" and meta["classes"] == ["blue", "green", "red"]
     assert len(meta["thresholds"]) == 3 and all(0 < t < 1 for t in meta["thresholds"])

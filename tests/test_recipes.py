@@ -114,7 +114,7 @@ def test_crop_scale_reaches_the_fine_tuning_crops(tiny_data, tiny_settings):
     from visiontune.pipeline import build_setup, full_stage
 
     cfg = TrainConfig(data=str(tiny_data), **{k: v for k, v in tiny_settings.items() if k != "epochs"},
-                      crop_scale=0.6).resolved()
+                      crop_scale=0.6, bn="frozen").resolved()
     stage = full_stage(build_setup(cfg, runtime.start("cpu", "fp32", False)), 1)
     crops = [t for t in stage.train_batches.loader.dataset.transform.augment.transforms
              if isinstance(t, v2.RandomResizedCrop)]
@@ -206,3 +206,90 @@ def test_lr_find_suggests_and_changes_nothing(tiny_data, tiny_settings, tmp_path
               for lr in lrs]
     result = suggest(lrs, losses)
     assert 1e-4 <= result["steepest"] <= 1e-2 and 1e-4 <= result["valley"] <= 1e-1
+
+
+def _generated_images(n: int, scale: float, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Smooth random images (noise upsampled from 8x8), their pixel statistics set by scale and shift."""
+    coarse = torch.randn(n, 3, 8, 8, generator=generator)
+    return nn.functional.interpolate(coarse, size=48, mode="bilinear") * scale + shift
+
+
+def test_bn_policy_is_measured_on_the_data_two_generated_sets():
+    """--bn auto's check on two generated sets: one like the data the running statistics come from
+    (batch statistics change few decisions: train), one far from it (they change most: frozen). The
+    check leaves every parameter and buffer as it found them."""
+    import contextlib
+
+    import timm
+
+    from visiontune.engine import evaluate
+    from visiontune.recipes import BN_TRAIN_MIN_AGREEMENT, choose_bn_policy
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3)
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # running statistics = the average over every batch seen: "pretrained" on near
+    near = _generated_images(128, 1.0, 0.0, g)
+    model.train()
+    with torch.no_grad():
+        for batch in near.split(32):
+            model(batch)
+    model.eval()
+    decisions = {}
+    for name, images in (("near", near), ("far", _generated_images(128, 0.2, 1.5, g))):
+        batches = [(b, torch.zeros(len(b), dtype=torch.long)) for b in images.split(32)]
+        running = evaluate(model, batches, keep_outputs=True).probabilities
+        before = copy.deepcopy(model.state_dict())
+        decisions[name] = choose_bn_policy(model, running, batches, lambda x: x, "cpu", contextlib.nullcontext)
+        after = model.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in before.items())
+        assert all(m.running_mean is not None for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    # Measured: 0.906 and 0.234; the margins keep the test independent of one CPU's rounding.
+    assert decisions["near"]["bn"] == "train" and decisions["near"]["agreement"] >= BN_TRAIN_MIN_AGREEMENT + 0.1
+    assert decisions["far"]["bn"] == "frozen" and decisions["far"]["agreement"] <= BN_TRAIN_MIN_AGREEMENT - 0.3
+    assert decisions["near"]["images"] == 128 and decisions["near"]["layers"] > 0
+    # Without BatchNorm there is nothing to measure: the pretrained-statistics recipe (AdamW 1e-4).
+    no_bn = nn.Sequential(nn.Flatten(), nn.Linear(3 * 48 * 48, 3))
+    assert choose_bn_policy(no_bn, running, batches, lambda x: x, "cpu", contextlib.nullcontext)["bn"] == "frozen"
+
+
+@pytest.mark.parametrize("threshold, policy", [(0.0, "train"), (1.01, "frozen")])
+def test_bn_auto_decision_reaches_config_and_training(tiny_data, tiny_settings, tmp_path, monkeypatch, capsys,
+                                                       threshold, policy):
+    """The decision is said in one line, written to config.json with the measurement, brings its
+    optimizer and lr, and is what training does: train moves the running statistics, frozen keeps them."""
+    import json
+
+    from visiontune import recipes
+    from visiontune.backbones import build_classifier
+    from visiontune.config import BN_RECIPES
+
+    monkeypatch.setattr(recipes, "BN_TRAIN_MIN_AGREEMENT", threshold)
+    run = visiontune.train(tiny_data, out=str(tmp_path / "r"), **{**tiny_settings, "quiet": False})
+    record = json.loads((run.path / "config.json").read_text())
+    assert record["bn_decision"]["bn"] == policy and record["bn_decision"]["images"] == 17
+    assert 0 <= record["bn_decision"]["agreement"] <= 1
+    assert {k: record["config"][k] for k in ("bn", "optimizer", "lr")} == {"bn": policy, **BN_RECIPES[policy]}
+    assert run.config.bn == policy
+    assert f"--bn auto: {policy} ({BN_RECIPES[policy]['optimizer']} lr {BN_RECIPES[policy]['lr']:g})" \
+        in capsys.readouterr().out
+    original, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
+    trained = run.model.state_dict()
+    kept = [torch.equal(v, trained[k]) for k, v in original.state_dict().items() if "running_mean" in k]
+    assert all(kept) if policy == "frozen" else not any(kept)
+
+
+def test_bn_auto_keeps_the_users_optimizer_and_lr(tiny_data, tiny_settings, tmp_path, monkeypatch):
+    from visiontune import recipes
+
+    monkeypatch.setattr(recipes, "BN_TRAIN_MIN_AGREEMENT", 0.0)
+    run = visiontune.train(tiny_data, out=str(tmp_path / "r"), lr=0.05, **tiny_settings)
+    assert (run.config.bn, run.config.optimizer, run.config.lr) == ("train", "sgd", 0.05)
+    run = visiontune.train(tiny_data, out=str(tmp_path / "s"), optimizer="adamw", **tiny_settings)
+    assert (run.config.bn, run.config.optimizer, run.config.lr) == ("train", "adamw", 0.003)
+    # Resolving never guesses: an explicit policy brings its recipe at once, auto leaves it open.
+    assert (TrainConfig(data="d", bn="frozen").resolved().optimizer, TrainConfig(data="d").resolved().lr) == ("adamw", None)
+    assert TrainConfig(data="d", mode="fixed", bn="auto").resolved().bn == "frozen"

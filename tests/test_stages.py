@@ -162,7 +162,7 @@ def test_auto_keeps_the_head_when_the_budget_is_spent(tiny_data, tiny_settings, 
 
 
 def test_auto_step_timing_leaves_the_run_untouched(tiny_data, tiny_settings):
-    cfg = TrainConfig(data=str(tiny_data), mode="auto", **tiny_settings).resolved()
+    cfg = TrainConfig(data=str(tiny_data), mode="auto", bn="frozen", **tiny_settings).resolved()
     s = pipeline.build_setup(cfg, Runtime())
     before = {k: v.clone() for k, v in s.model.state_dict().items()}
     rng, sampler = torch.get_rng_state(), s.generator.get_state()

@@ -16,7 +16,7 @@ AUGMENTS = ("none", "light", "strong")
 SAMPLERS = ("random", "balanced")
 CLASS_WEIGHTS = ("none", "auto")
 HEAD_INITS = ("probe", "random")
-BN_POLICIES = ("frozen", "train")
+BN_POLICIES = ("auto", "frozen", "train")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EXPLAIN_METHODS = ("gradcam", "gradcam++", "hirescam", "layercam")  # grad-cam's CAM variants offered
 DEFAULT_TOP_K = 3  # classes listed per image by predict, the Python API and the server
@@ -24,10 +24,16 @@ DEFAULT_TOP_K = 3  # classes listed per image by predict, the Python API and the
 STRONG_MIXUP, STRONG_CUTMIX = 0.2, 1.0
 
 # Per-mode defaults, chosen by measurement on four data sets (bench/accuracy.py, docs/recipes.md).
-# Fine-tuning every layer: AdamW at 1e-4 with the pretrained BatchNorm statistics kept. On the sets
-# far from ImageNet (eurosat10, sign_digits), BatchNorm statistics re-estimated from training batches
-# and SGD at 0.003 took the first epoch 8-27 points below the probe head; AdamW at 3e-4 still 4-12.
-FINE_TUNE = {"lr": 1e-4, "optimizer": "adamw", "schedule": "cosine", "warmup_epochs": 0.0, "bn": "frozen"}
+# Fine-tuning every layer: the BatchNorm policy is measured on the data before the first fine-tuning
+# step (--bn auto, recipes.choose_bn_policy) and brings its optimizer and step (BN_RECIPES).
+FINE_TUNE = {"schedule": "cosine", "warmup_epochs": 0.0, "bn": "auto"}
+# What each BatchNorm policy fine-tunes with, unless --optimizer / --lr say otherwise.
+# frozen (the pretrained statistics kept): AdamW at 1e-4. On the sets far from ImageNet (eurosat10,
+# sign_digits, trashnet) statistics re-estimated from training batches with SGD at 0.003 took the first
+# epoch 4-27 points below the probe head, and frozen statistics diverge at that SGD step.
+# train (statistics follow the batches): SGD-Nesterov at 0.003, where the data's own batch statistics
+# leave the probe's predictions nearly unchanged (hymenoptera: the first epoch adds to the probe).
+BN_RECIPES = {"frozen": {"optimizer": "adamw", "lr": 1e-4}, "train": {"optimizer": "sgd", "lr": 0.003}}
 MODE_DEFAULTS = {
     "finetune": {"epochs": 3, **FINE_TUNE, "head_init": "probe"},
     "fixed": {"epochs": 25, "lr": 0.01, "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 0.0,
@@ -85,12 +91,14 @@ class TrainConfig:
     warmup_epochs: float | None = None
     """Epochs of linear learning-rate warm-up (fractions allowed); default 0."""
     bn: str | None = field(default=None, metadata={"choices": BN_POLICIES})
-    """Fine-tune BatchNorm policy. frozen (default): running statistics stay the pretrained ones (layers
-    in eval mode, affine weights still trained), as Keras recommends for fine-tuning; train: statistics
-    follow the training batches (the tutorial's and timm's). Measured (docs/recipes.md): with train,
-    the statistics move to the new domain and the probe head no longer fits them: on eurosat10 the
-    first fine-tuning epoch fell from the probe's 0.93 to 0.63-0.85. frozen needs a small step (AdamW
-    1e-4): SGD at 0.003 diverged with it."""
+    """Fine-tune BatchNorm policy. frozen: running statistics stay the pretrained ones (layers in eval
+    mode, affine weights still trained), as Keras recommends for fine-tuning, with AdamW at 1e-4; train:
+    statistics follow the training batches (the tutorial's and timm's), with SGD at 0.003. auto
+    (default): measured before the first fine-tuning step: train when the fitted head's predictions on
+    training images hardly change under the data's own batch statistics (an ImageNet-like domain),
+    else frozen (docs/recipes.md). With train on a far domain the probe head stops fitting: on
+    eurosat10 the first fine-tuning epoch fell from the probe's 0.93 to 0.63-0.85. --optimizer and
+    --lr, when given, replace the policy's own."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing of the training loss, e.g. 0.1."""
     augment: str = field(default="light", metadata={"choices": AUGMENTS})
@@ -175,6 +183,10 @@ class TrainConfig:
                 values[key] = default
         if values["head_epochs"] is None:
             values["head_epochs"] = 0
+        if values["mode"] == "fixed" and values["bn"] == "auto":
+            values["bn"] = "frozen"  # the backbone is frozen whole: there is nothing to decide
+        if values["bn"] in BN_RECIPES:
+            values.update(_with_bn_recipe(values, values["bn"]))
         strong = values["augment"] == "strong"
         for key, on in (("mixup", STRONG_MIXUP), ("cutmix", STRONG_CUTMIX)):
             if values[key] is None:
@@ -191,8 +203,12 @@ class TrainConfig:
         need(isinstance(self.epochs, int) and self.epochs >= 1, "--epochs", self.epochs, "use a whole number of at least 1")
         need(self.batch_size >= 1, "--batch-size", self.batch_size, "use 1 or more")
         need(self.eval_batch_size >= 1, "--eval-batch-size", self.eval_batch_size, "use 1 or more")
-        need(self.lr is not None and self.lr > 0, "--lr", self.lr, "use a positive learning rate such as 0.01")
-        need(self.optimizer in OPTIMIZERS, "--optimizer", self.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
+        # --bn auto leaves the fine-tuning optimizer and lr open until the policy is measured.
+        open_until_bn = self.bn == "auto"
+        need((open_until_bn and self.lr is None) or (self.lr is not None and self.lr > 0), "--lr", self.lr,
+             "use a positive learning rate such as 0.01")
+        need((open_until_bn and self.optimizer is None) or self.optimizer in OPTIMIZERS, "--optimizer",
+             self.optimizer, f"use one of {', '.join(OPTIMIZERS)}")
         need(self.schedule in SCHEDULES, "--schedule", self.schedule, f"use one of {', '.join(SCHEDULES)}")
         need(0 <= self.momentum < 1, "--momentum", self.momentum, "use a value in [0, 1)")
         need(self.weight_decay >= 0, "--weight-decay", self.weight_decay, "use 0 or more")
@@ -232,12 +248,21 @@ class TrainConfig:
         parse_log(self.log)
         need(self.decode_cache_gb >= 0, "--decode-cache-gb", self.decode_cache_gb, "use 0 (no cache) or more")
 
+    def with_bn_policy(self, policy: str) -> "TrainConfig":
+        """--bn auto decided: the policy, and its optimizer and step where the user gave none."""
+        return TrainConfig(**_with_bn_recipe(asdict(self), policy))
+
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def _with_bn_recipe(values: dict, policy: str) -> dict:
+    recipe = BN_RECIPES[policy]
+    return {**values, "bn": policy, **{k: v for k, v in recipe.items() if values[k] is None}}
 
 
 def field_docs() -> dict[str, str]:

@@ -53,6 +53,10 @@ def lr_find(data: str, steps: int = 100, start: float = 1e-6, end: float = 1.0, 
     from .pipeline import build_setup, choose_run_dir, ensure_writable, full_stage, head_stage
 
     cfg = TrainConfig(data=str(data), quiet=True, out=None if out is None else str(out), **settings).resolved()
+    if cfg.bn == "auto":
+        # train's --bn auto measures its fitted head, which the range test (from a new head) does not
+        # have: it tests the pretrained-statistics recipe; --bn train tests the other.
+        cfg = cfg.with_bn_policy("frozen")
     folder = choose_run_dir(cfg, kind="lr-find")
     ensure_writable(folder)
     rt = runtime.start(cfg.device, cfg.precision, cfg.deterministic)

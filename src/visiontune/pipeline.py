@@ -398,6 +398,8 @@ def head_stage(s: Setup, epochs: int, lr: float) -> Stage:
 def full_stage(s: Setup, epochs: int) -> Stage:
     """Every layer, on augmented images, at `cfg.lr` (with layer-wise decay when asked)."""
     cfg, model = s.cfg, s.model
+    if cfg.bn == "auto":
+        raise ValueError("full_stage needs a decided BatchNorm policy: cfg.with_bn_policy('frozen' or 'train')")
     frozen = freeze_for_mode(cfg, model, "full")
     optimizer = make_optimizer(cfg, [(n, p) for n, p in model.named_parameters()], model)
     train_batches = image_train_batches(s, TrainTransform(s.pre, cfg.train_size, (cfg.crop_scale, 1.0),

@@ -22,14 +22,15 @@ from . import checkpoint, runtime
 from .callbacks import CallbackList, EpochEnd, RunEnd, StepEnd, frozen, loggers_for
 from .runtime import seed_rank
 from .config import TrainConfig, parse_duration
-from .data import cross_split_duplicates
+from .data import cross_split_duplicates, val_loader
 from .engine import EpochStats, EvalOutput, NonFiniteLoss, evaluate, is_better, train_one_epoch
 from .errors import UsageError, VisiontuneError
 from .folding import fold_batchnorm
 from .memory import release_freed_memory
+from .preprocess import EvalTransform
 from .pipeline import (Setup, Stage, build_setup, choose_run_dir, class_weights_for, ensure_writable,
                        full_stage, head_stage)
-from .recipes import fit_probe
+from .recipes import BN_CHECK_IMAGES, choose_bn_policy, fit_probe
 from .runfolder import RunFolder
 
 @dataclass
@@ -192,6 +193,13 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None, callbacks: 
     offset = 0  # epochs of the stages before the current one
     with _StopOnSigint(enabled=not s.rt.distributed) as stop:  # torchrun stops all ranks itself
         for name, epochs in _stage_specs(s.cfg):
+            if name == "full" and _probe_due(s, loop):
+                # Epoch 0: the linear probe, a frozen-backbone model in its own right. It is logged and
+                # competes for best like any epoch, so fine-tuning can only add to it, never take away.
+                _record(s, folder, loop, *probe_row(s))
+                release_freed_memory()
+            if name == "full" and s.cfg.bn == "auto":
+                _choose_bn(s, folder)
             if name == "full" and s.cfg.mode == "auto":
                 if "full_epochs" not in loop.plan:
                     loop.plan = _plan_auto(s, folder, loop)
@@ -280,12 +288,6 @@ def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: 
                resume_state: dict | None) -> tuple[Stage, bool]:
     """Train one stage from loop.epoch to offset + epochs; returns the stage and whether it stopped early."""
     cfg = s.cfg
-    if name == "full" and cfg.mode == "finetune" and cfg.head_init == "probe" and loop.epoch == 0 \
-            and not s.head_from_init:
-        # Epoch 0: the linear probe, a frozen-backbone model in its own right. It is logged and
-        # competes for best like any epoch, so fine-tuning can only add to it, never take away.
-        _record(s, folder, loop, *probe_row(s))
-        release_freed_memory()
     lr = cfg.head_lr if name == "head" and cfg.head_lr is not None else cfg.lr
     stage = head_stage(s, epochs, lr) if name == "head" else full_stage(s, epochs)
     if resume_state is not None and resume_state.get("stage") == name and loop.epoch > offset:
@@ -305,6 +307,56 @@ def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: 
             _say(s, f"early stop: val has not improved for {cfg.patience} epochs")
             return stage, True
     return stage, False
+
+
+def _probe_due(s: Setup, loop: LoopState) -> bool:
+    cfg = s.cfg
+    return cfg.mode == "finetune" and cfg.head_init == "probe" and loop.epoch == 0 and not s.head_from_init
+
+
+def _choose_bn(s: Setup, folder: RunFolder) -> None:
+    """--bn auto, before the first fine-tuning step: measure, then fix the policy (and its optimizer and
+    lr) in s.cfg and config.json, so that a resumed run goes on with the same. Rank 0 decides."""
+    cfg, rt = s.cfg, s.rt
+
+    def measure() -> dict:
+        # Its own generator, and the global RNG restored: the run's batches and augmentations are the
+        # same whichever policy is chosen, and the same as with --bn given.
+        with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+            # The probe and the head stage were fitted on cached features: those give the running
+            # statistics' predictions for free. Otherwise (a random or --init head) a forward pass does.
+            on_features = cfg.feature_cache and not s.head_from_init and (cfg.mode != "finetune"
+                                                                           or cfg.head_init == "probe")
+            features = s.features_of(s.train_items, 1)[0] if on_features else None
+            picked = torch.randperm(len(s.train_items), generator=torch.Generator().manual_seed(cfg.seed))
+            picked = picked[:BN_CHECK_IMAGES].sort().values
+            items = [s.train_items[i] for i in picked.tolist()]
+            # Batches of the training batch size: the statistics train mode would use.
+            loader = val_loader(items, s.decode, EvalTransform(s.pre), replace(cfg, eval_batch_size=cfg.batch_size),
+                                replace(rt, rank=0, world_size=1), len(s.classes) if s.multi_label else 0)
+            batches = [(x, y) for x, y, _ in loader]
+            if features is not None and sum(len(y) for _, y in batches) == len(picked):
+                with torch.inference_mode():
+                    logits = s.model.get_classifier()(features[picked].to(rt.device)).float()
+                running = torch.sigmoid(logits) if s.multi_label else torch.softmax(logits, 1)
+            else:
+                running = evaluate(s.model, batches, s.prepare, keep_outputs=True, device=rt.device,
+                                   autocast=rt.autocast, multi_label=s.multi_label).probabilities
+            return choose_bn_policy(s.model, running, batches, s.prepare, rt.device, rt.autocast, s.multi_label)
+
+    decision = rt.broadcast(measure() if rt.is_main else None)
+    s.cfg = cfg.with_bn_policy(decision["bn"])
+    if decision["agreement"] is None:
+        why = "the backbone has no BatchNorm"
+    else:
+        why = (f"the head keeps {decision['agreement']:.0%} of its predictions on {decision['images']} training "
+               f"images under their own batch statistics ({'at least' if decision['bn'] == 'train' else 'below'} "
+               f"{decision['threshold']:.0%})")
+    decision["why"] = f"--bn auto: {decision['bn']} ({s.cfg.optimizer} lr {s.cfg.lr:g}): {why}"
+    _say(s, decision["why"])
+    if rt.is_main:
+        record = folder.read_config()
+        folder.write_config({**record, "config": s.cfg.to_json(), "bn_decision": decision})
 
 
 def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch: int, offset: int, stop,
