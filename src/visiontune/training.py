@@ -329,7 +329,7 @@ def _choose_bn(s: Setup, folder: RunFolder) -> None:
                                                                            or cfg.head_init == "probe")
             features = s.features_of(s.train_items, 1)[0] if on_features else None
             picked = torch.randperm(len(s.train_items), generator=torch.Generator().manual_seed(cfg.seed))
-            picked = picked[:BN_CHECK_IMAGES].sort().values
+            picked = picked[:BN_CHECK_IMAGES]  # in random order: training batches mix the classes, and so must these
             items = [s.train_items[i] for i in picked.tolist()]
             # Batches of the training batch size: the statistics train mode would use.
             loader = val_loader(items, s.decode, EvalTransform(s.pre), replace(cfg, eval_batch_size=cfg.batch_size),
