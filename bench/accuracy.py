@@ -120,13 +120,13 @@ def run_visiontune(row: str, data: Path, seed: int, cache: Path) -> dict:
     with (out / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     model = json.loads((out / "model.json").read_text())
-    config = json.loads((out / "config.json").read_text())["config"]
+    record = json.loads((out / "config.json").read_text())
+    config = record["config"]
     result = {"best_val_acc": float(model["val_acc"]), "best_epoch": int(model["best_epoch"]), "wall": wall,
               "val_accs": [float(r["val_acc"]) for r in rows], "stages": [r["stage"] for r in rows],
               "epochs": config["epochs"], "train_size": config["train_size"]}
-    if "bn_decision" in json.loads((out / "config.json").read_text()):
-        decision = json.loads((out / "config.json").read_text())["bn_decision"]
-        result["bn"], result["bn_agreement"] = decision["bn"], decision["agreement"]
+    if "bn_decision" in record:
+        result["bn"], result["bn_agreement"] = record["bn_decision"]["bn"], record["bn_decision"]["agreement"]
     if (out / "auto.json").is_file():
         result["decision"] = json.loads((out / "auto.json").read_text())["decision"]
     shutil.rmtree(out.parent, ignore_errors=True)
