@@ -199,7 +199,7 @@ def targets(results: list[dict]) -> list[str]:
         out.append(f"{name}: default wall <= a third of fastai's{detail}: {verdict(ok)}")
         fixed = summary(results, name, "fixed")
         if name in ("eurosat10", "sign_digits"):
-            ok = None if fixed is None else default["mean"] >= fixed["mean"] + 0.02
+            ok = None if fixed is None else default["mean"] >= fixed["mean"] + 0.02 - 1e-9
             detail = "" if fixed is None else f" ({default['mean'] - fixed['mean']:+.4f})"
             out.append(f"{name}: fine-tuning adds >= 2 points over fixed{detail}: {verdict(ok)}")
         if name == "hymenoptera":
@@ -207,7 +207,8 @@ def targets(results: list[dict]) -> list[str]:
             out.append(f"hymenoptera: default mean {default['mean']:.4f} >= {floor:.4f} (before minus one image): "
                        f"{verdict(default['mean'] >= floor)}")
         drops = [d for d in (first_epoch_drop(r) for r in default["runs"]) if d is not None]
-        ok = None if not drops else max(drops) <= 0.01
+        # 4 of 400 images is exactly 1 point, but 0.93 - 0.92 > 0.01 in floats: a slack far below one image.
+        ok = None if not drops else max(drops) <= 0.01 + 1e-9
         detail = "" if not drops else f" (largest drop {max(drops):+.4f})"
         out.append(f"{name}: first fine-tuning epoch >= probe - 1 point on every seed{detail}: {verdict(ok)}")
         auto = summary(results, name, "auto")
