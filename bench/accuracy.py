@@ -61,7 +61,13 @@ VISIONTUNE_ROWS = {
     # Candidate (2026-12-01, fourth pass; not taken): a 3x larger AdamW step, reached over a one-epoch warm-up.
     "lr3e-4w1": ["--lr", "3e-4", "--warmup-epochs", "1"],
 }
-ROWS = [*VISIONTUNE_ROWS, "tutorial", "fastai"]
+# Earlier defaults that no flags reproduce any more: rows of recorded results only.
+HISTORY_ROWS = {
+    # 2026-12-02, f90a56a: --bn auto without the weight EMA, AdamW 1e-4 on every set with frozen statistics.
+    "bnauto": "the default of 2026-12-02 (f90a56a): --bn auto, no weight EMA, AdamW 1e-4 wherever statistics froze",
+}
+RUNNABLE = [*VISIONTUNE_ROWS, "tutorial", "fastai"]
+ROWS = [*VISIONTUNE_ROWS, *HISTORY_ROWS, "tutorial", "fastai"]
 ONE_SEED_ROWS = {"tutorial", "fastai"}
 # Today's default before the recipe was decided on four sets (docs/recipes.md): the floor on hymenoptera.
 HYMENOPTERA_BEFORE = 0.9673
@@ -127,6 +133,9 @@ def run_visiontune(row: str, data: Path, seed: int, cache: Path) -> dict:
               "epochs": config["epochs"], "train_size": config["train_size"]}
     if "bn_decision" in record:
         result["bn"], result["bn_agreement"] = record["bn_decision"]["bn"], record["bn_decision"]["agreement"]
+        result["bn_far"], result["lr"] = record["bn_decision"].get("far", False), config["lr"]
+    if "ema" in record:
+        result["ema_decay"] = record["ema"]["decay"]
     if (out / "auto.json").is_file():
         result["decision"] = json.loads((out / "auto.json").read_text())["decision"]
     shutil.rmtree(out.parent, ignore_errors=True)
@@ -167,7 +176,10 @@ def table(results: list[dict]) -> str:
             if row == "default":
                 notes.append(f"{s['runs'][0]['epochs']} epochs at {s['runs'][0]['train_size']} px")
             if any("bn" in r for r in s["runs"]):
-                notes.append("--bn auto chose " + " / ".join(f"{r.get('bn')} ({r.get('bn_agreement')})" for r in s["runs"]))
+                notes.append("--bn auto chose " + " / ".join(
+                    f"{r.get('bn')}{', far' if r.get('bn_far') else ''} ({r.get('bn_agreement')})" for r in s["runs"]))
+            if any("ema_decay" in r for r in s["runs"]):
+                notes.append("EMA decay " + " / ".join(f"{r['ema_decay']:.3f}" for r in s["runs"] if "ema_decay" in r))
             for source in sorted({r["source"] for r in s["runs"] if r.get("source")}):
                 notes.append(f"from {source}")
             per_seed = " / ".join(f"{r['best_val_acc']:.4f}" for r in s["runs"])
@@ -235,7 +247,7 @@ def write_doc(text: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
-    parser.add_argument("--rows", nargs="+", default=["default", "fixed", "staged", "auto"], choices=ROWS)
+    parser.add_argument("--rows", nargs="+", default=["default", "fixed", "staged", "auto"], choices=RUNNABLE)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fastai-python", help="a Python that has fastai (for the fastai row)")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "accuracy.json")

@@ -256,26 +256,32 @@ def test_bn_policy_is_measured_on_the_data_two_generated_sets():
     assert choose_bn_policy(no_bn, running, batches, lambda x: x, "cpu", contextlib.nullcontext)["bn"] == "frozen"
 
 
-@pytest.mark.parametrize("threshold, policy", [(0.0, "train"), (1.01, "frozen")])
+@pytest.mark.parametrize("threshold, far_threshold, policy, far",
+                         [(0.0, 0.0, "train", False), (1.01, 0.0, "frozen", False), (1.01, 1.01, "frozen", True)])
 def test_bn_auto_decision_reaches_config_and_training(tiny_data, tiny_settings, tmp_path, monkeypatch, capsys,
-                                                       threshold, policy):
+                                                       threshold, far_threshold, policy, far):
     """The decision is said in one line, written to config.json with the measurement, brings its
-    optimizer and lr, and is what training does: train moves the running statistics, frozen keeps them."""
+    optimizer and lr (a larger step for frozen statistics on a far domain), and is what training does:
+    train moves the running statistics, frozen keeps them."""
     import json
 
     from visiontune import recipes
     from visiontune.backbones import build_classifier
-    from visiontune.config import BN_RECIPES
+    from visiontune.config import BN_RECIPES, FAR_DOMAIN_RECIPE
 
     monkeypatch.setattr(recipes, "BN_TRAIN_MIN_AGREEMENT", threshold)
+    monkeypatch.setattr(recipes, "FAR_DOMAIN_MAX_AGREEMENT", far_threshold)
     run = visiontune.train(tiny_data, out=str(tmp_path / "r"), **{**tiny_settings, "quiet": False})
     record = json.loads((run.path / "config.json").read_text())
-    assert record["bn_decision"]["bn"] == policy and record["bn_decision"]["images"] == 17
-    assert 0 <= record["bn_decision"]["agreement"] <= 1
-    assert {k: record["config"][k] for k in ("bn", "optimizer", "lr")} == {"bn": policy, **BN_RECIPES[policy]}
-    assert run.config.bn == policy
-    assert f"--bn auto: {policy} ({BN_RECIPES[policy]['optimizer']} lr {BN_RECIPES[policy]['lr']:g})" \
-        in capsys.readouterr().out
+    recipe = FAR_DOMAIN_RECIPE if far else BN_RECIPES[policy]
+    assert recipe["lr"] != BN_RECIPES["frozen"]["lr"] or not far
+    assert (record["bn_decision"]["bn"], record["bn_decision"]["far"]) == (policy, far)
+    assert record["bn_decision"]["images"] == 17 and 0 <= record["bn_decision"]["agreement"] <= 1
+    assert {k: record["config"][k] for k in ("bn", "optimizer", "lr")} == {"bn": policy, **recipe}
+    assert run.config.bn == policy and run.config.lr == recipe["lr"]
+    said = capsys.readouterr().out
+    assert f"--bn auto: {policy} ({recipe['optimizer']} lr {recipe['lr']:g})" in said
+    assert ("a domain far from the backbone's" in said) == far
     original, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
     trained = run.model.state_dict()
     kept = [torch.equal(v, trained[k]) for k, v in original.state_dict().items() if "running_mean" in k]
@@ -293,3 +299,70 @@ def test_bn_auto_keeps_the_users_optimizer_and_lr(tiny_data, tiny_settings, tmp_
     # Resolving never guesses: an explicit policy brings its recipe at once, auto leaves it open.
     assert (TrainConfig(data="d", bn="frozen").resolved().optimizer, TrainConfig(data="d").resolved().lr) == ("adamw", None)
     assert TrainConfig(data="d", mode="fixed", bn="auto").resolved().bn == "frozen"
+
+
+def test_weight_average_follows_the_update_rule_with_a_decay_from_steps_per_epoch():
+    from visiontune.pipeline import WeightAverage
+
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    average = WeightAverage(model, epochs=0.5, steps_per_epoch=8)  # 4 steps: decay 1 - 1/4
+    assert average.decay == 0.75
+    for value in (3.0, 5.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update(model)
+    # 0.75 * (0.75 * 1 + 0.25 * 3) + 0.25 * 5
+    assert torch.allclose(average.module.weight, torch.full((1, 2), 2.375))
+    assert model.weight[0, 0].item() == 5.0  # the model itself is untouched
+    assert WeightAverage(model, epochs=0.25, steps_per_epoch=2).decay == 0.0  # under one step: the raw weights
+
+
+def test_ema_decay_is_derived_from_the_data_size_and_said(tiny_settings, tmp_path, capsys):
+    """Two generated sets of different sizes: the same --ema-epochs gives each its own decay per step,
+    printed in one line and recorded in config.json."""
+    import json
+
+    from .conftest import make_folder
+
+    decays = {}
+    for name, per_class in (("small", {"a": 9, "b": 8}), ("large", {"a": 20, "b": 20})):
+        data = make_folder(tmp_path / name, per_class)
+        run = visiontune.train(data, out=str(tmp_path / f"run-{name}"), ema_epochs=0.5, bn="frozen",
+                               **{**tiny_settings, "epochs": 1, "quiet": False})
+        record = json.loads((run.path / "config.json").read_text())["ema"]
+        decays[name] = record["decay"]
+        assert record["decay"] == pytest.approx(1 - 1 / (0.5 * record["steps_per_epoch"]))
+        assert f"EMA decay {record['decay']:.4f} per step" in capsys.readouterr().out
+    # 17 images in batches of 4 (a last batch of one is dropped): 4 steps; 40 images: 10 steps.
+    assert decays == pytest.approx({"small": 0.5, "large": 0.8})
+    assert TrainConfig(data="d").resolved().ema_epochs == 0.25
+    assert TrainConfig(data="d", mode="fixed").resolved().ema_epochs == 0.0
+
+
+@pytest.mark.parametrize("ema_epochs", [0.5, 0.0])
+def test_val_and_the_saved_model_are_the_average(tiny_data, tiny_settings, tmp_path, ema_epochs):
+    """With an EMA the best weights saved are the average's (last.ckpt keeps both, for resume); without
+    one they are the trained weights themselves."""
+    from visiontune import checkpoint
+    from visiontune.engine import evaluate
+    from visiontune.pipeline import build_setup, image_val_batches
+    from visiontune.runfolder import RunFolder
+    from visiontune import runtime
+
+    settings = {**tiny_settings, "epochs": 1, "head_init": "random", "bn": "frozen", "lr": 0.01}
+    run = visiontune.train(tiny_data, out=str(tmp_path / "r"), ema_epochs=ema_epochs, **settings)
+    assert run.best_epoch == 1  # the only epoch: no probe
+    last = checkpoint.load_training_state(run.path / "last.ckpt")
+    best = RunFolder(run.path).load_best_weights()
+    raw, average = last["model"], last["ema"]
+    if ema_epochs:
+        assert all(torch.equal(best[k], average[k]) for k in best)
+        assert not torch.equal(best["conv_stem.weight"], raw["conv_stem.weight"])
+    else:
+        assert average is None and all(torch.equal(best[k], raw[k]) for k in best)
+    # The epoch's val accuracy is the saved model's.
+    s = build_setup(TrainConfig(data=str(tiny_data), **settings).resolved(), runtime.start("cpu", "fp32", False))
+    s.model.load_state_dict(best)
+    assert evaluate(s.model, image_val_batches(s), s.prepare).accuracy == pytest.approx(run.metrics[-1]["val_acc"])

@@ -211,7 +211,7 @@ def test_the_fp16_loss_scale_is_part_of_the_checkpoint():
     # A resumed fp16 run must go on with the loss scale it had, not start again from 65536.
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     stage = type("StageStub", (), {"name": "full", "optimizer": torch.optim.SGD([torch.nn.Parameter(torch.ones(1))],
-                                                                                 lr=0.1), "scaler": scaler})()
+                                                                                 lr=0.1), "scaler": scaler, "ema": None})()
     state = training.LoopState().to_checkpoint(torch.nn.Linear(1, 1), stage, torch.Generator())
     assert state["scaler"]["scale"] == 1024.0
     assert training.LoopState().to_checkpoint(torch.nn.Linear(1, 1), None, torch.Generator())["scaler"] is None

@@ -107,6 +107,7 @@ def train_one_epoch(
     reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums,
     on_step: Callable[[torch.Tensor], None] | None = None,
     multi_label: bool = False,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochStats:
     """One pass over `batches`; one optimizer step per `accumulate` batches.
 
@@ -124,7 +125,8 @@ def train_one_epoch(
     step `should_stop()` is asked whether to end the epoch early (Ctrl-C).
     `on_step(loss)`, when given, sees each optimizer step's mean per-sample loss
     before the step is taken (lr-find records its curve with it; fastai's
-    `lr_find` is likewise `fit` plus a per-step hook).
+    `lr_find` is likewise `fit` plus a per-step hook). `after_step()` runs after
+    each optimizer step (a weight EMA follows the weights with it).
     `multi_label`: multi-hot targets, per-class sigmoid loss, accuracy = share of label decisions right.
     """
     start = time.perf_counter()
@@ -156,6 +158,8 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if after_step is not None:
+            after_step()
         # Cleared right after the step, i.e. before the next backward: backward adds into .grad.
         optimizer.zero_grad(set_to_none=True)
         pending = 0

@@ -282,6 +282,13 @@ class Stage:
     on_features: bool
     mix: Callable | None = None
     scaler: object = None
+    ema: "WeightAverage | None" = None
+    """Full stage with --ema-epochs > 0: the averaged weights that val, best and the saved files use."""
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights an epoch is judged and kept by: the average when there is one."""
+        return self.ema.module if self.ema is not None else self.module
 
     def lr_at_epoch_end(self, epoch_in_stage: int, cfg: TrainConfig) -> float:
         """The learning rate of the epoch's last optimizer step."""
@@ -408,7 +415,32 @@ def full_stage(s: Setup, epochs: int) -> Stage:
     mix = MixBatch(len(s.classes), cfg.mixup, cfg.cutmix) if cfg.mixup > 0 or cfg.cutmix > 0 else None
     return Stage("full", epochs, cfg.lr, model, _wrap(s, model), train_batches, image_val_batches(s), s.prepare,
                  frozen, optimizer, _scheduler(cfg, optimizer, steps, epochs), steps, on_features=False, mix=mix,
-                 scaler=s.rt.grad_scaler())
+                 scaler=s.rt.grad_scaler(), ema=WeightAverage(model, cfg.ema_epochs, steps) if cfg.ema_epochs else None)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (timm's ModelEmaV3; BatchNorm's running
+    statistics are averaged too), updated after every optimizer step. Its time constant is given in
+    epochs, so the per-step decay follows the data's size: 1 - 1 / (epochs x steps per epoch)."""
+
+    def __init__(self, model: nn.Module, epochs: float, steps_per_epoch: int):
+        from timm.utils import ModelEmaV3
+
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.decay = max(0.0, 1.0 - 1.0 / (epochs * steps_per_epoch))
+        # Starts as a copy of the model as the stage begins (the probe's head on the pretrained backbone).
+        self.average = ModelEmaV3(model, decay=self.decay)
+
+    @property
+    def module(self) -> nn.Module:
+        return self.average.module
+
+    def update(self, model: nn.Module) -> None:
+        self.average.update(model)
+
+    def describe(self) -> str:
+        return (f"weights averaged over about {self.epochs:g} epoch ({self.epochs * self.steps_per_epoch:.0f} of "
+                f"{self.steps_per_epoch} steps): EMA decay {self.decay:.4f} per step")
 
 
 def class_weights_for(s: Setup) -> torch.Tensor | None:

@@ -177,6 +177,9 @@ def fit_probe(classifier: nn.Module, features: torch.Tensor, labels: torch.Tenso
 # 0.63-0.66 on trashnet, 0.36 on eurosat10 and 0.32 on sign_digits, where they took the first epoch
 # 4-27 points below it and frozen statistics did better on every set.
 BN_TRAIN_MIN_AGREEMENT = 0.75
+FAR_DOMAIN_MAX_AGREEMENT = 0.5
+"""Below this agreement the domain is far from the backbone's (eurosat10 0.34-0.37, sign_digits 0.32-0.41;
+trashnet 0.63-0.66): frozen statistics with a larger step (config.FAR_DOMAIN_RECIPE)."""
 BN_CHECK_IMAGES = 128
 """Training images the check looks at (a seeded sample, at the eval transform): 3 s on a 2-core CPU."""
 
@@ -208,7 +211,7 @@ def choose_bn_policy(model: nn.Module, running_probabilities: torch.Tensor, batc
     """
     with batch_statistics(model) as layers:
         if not layers:
-            return {"bn": "frozen", "agreement": None, "images": 0, "layers": 0}
+            return {"bn": "frozen", "far": False, "agreement": None, "images": 0, "layers": 0}
         batched = evaluate(model, batches, prepare, keep_outputs=True, device=device, autocast=autocast,
                            multi_label=multi_label).probabilities.float().cpu()
     running = running_probabilities.float().cpu()
@@ -216,5 +219,6 @@ def choose_bn_policy(model: nn.Module, running_probabilities: torch.Tensor, batc
         agreement = ((batched > 0.5) == (running > 0.5)).float().mean().item()
     else:
         agreement = (batched.argmax(1) == running.argmax(1)).float().mean().item()
-    return {"bn": "train" if agreement >= BN_TRAIN_MIN_AGREEMENT else "frozen", "agreement": round(agreement, 4),
-            "images": len(running), "layers": layers, "threshold": BN_TRAIN_MIN_AGREEMENT}
+    return {"bn": "train" if agreement >= BN_TRAIN_MIN_AGREEMENT else "frozen",
+            "far": agreement < FAR_DOMAIN_MAX_AGREEMENT, "agreement": round(agreement, 4), "images": len(running),
+            "layers": layers, "threshold": BN_TRAIN_MIN_AGREEMENT, "far_threshold": FAR_DOMAIN_MAX_AGREEMENT}

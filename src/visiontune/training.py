@@ -86,6 +86,8 @@ def resume(run_dir: str | Path, quiet: bool = False, epochs: int | None = None, 
                          "pass a run folder written by `visiontune train`.")
     record = folder.read_config()
     settings = record["config"]
+    if "ema_epochs" not in settings:  # a run started before weight averaging existed goes on without it
+        settings = {**settings, "ema_epochs": 0.0}
     cfg = TrainConfig(**{**settings, **where, "out": str(folder.path), "quiet": quiet or settings.get("quiet", False)})
     state = folder.load_last()
     if epochs is not None and epochs != cfg.epochs:
@@ -162,6 +164,7 @@ class LoopState:
                 "stage": stage.name if stage else None, "optimizer": stage.optimizer.state_dict() if stage else None,
                 # fp16's loss scale: a resumed run must not start again from 65536 and skip steps.
                 "scaler": stage.scaler.state_dict() if stage is not None and stage.scaler is not None else None,
+                "ema": stage.ema.module.state_dict() if stage is not None and stage.ema is not None else None,
                 "rng": checkpoint.rng_state(generator), "metrics": self.metrics, "plan": self.plan,
                 "finished": self.finished, "best": self.best, "seconds": self.seconds, "steps": self.steps}
 
@@ -295,9 +298,14 @@ def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: 
         if stage.scaler is not None and resume_state.get("scaler") is not None:
             stage.scaler.load_state_dict(resume_state["scaler"])
         stage.fast_forward(loop.epoch - offset, cfg)
+        if stage.ema is not None and resume_state.get("ema") is not None:
+            stage.ema.module.load_state_dict(resume_state["ema"])
+    if stage.ema is not None and loop.epoch < offset + epochs:
+        _say_weight_average(s, folder, stage)
     class_weights = class_weights_for(s)
     for epoch in range(loop.epoch + 1, offset + epochs + 1):
-        _record(s, folder, loop, *_epoch_row(s, folder, loop, stage, epoch, offset, stop, class_weights))
+        _record(s, folder, loop, *_epoch_row(s, folder, loop, stage, epoch, offset, stop, class_weights),
+                weights=stage.ema.module if stage.ema is not None else None)
         loop.epoch = epoch
         early_stop = cfg.patience is not None and epoch - loop.best[0] >= cfg.patience
         if not stage.on_features or early_stop or epoch == offset + epochs \
@@ -345,18 +353,30 @@ def _choose_bn(s: Setup, folder: RunFolder) -> None:
             return choose_bn_policy(s.model, running, batches, s.prepare, rt.device, rt.autocast, s.multi_label)
 
     decision = rt.broadcast(measure() if rt.is_main else None)
-    s.cfg = cfg.with_bn_policy(decision["bn"])
+    s.cfg = cfg.with_bn_policy(decision["bn"], decision.get("far", False))
     if decision["agreement"] is None:
         why = "the backbone has no BatchNorm"
     else:
         why = (f"the head keeps {decision['agreement']:.0%} of its predictions on {decision['images']} training "
                f"images under their own batch statistics ({'at least' if decision['bn'] == 'train' else 'below'} "
                f"{decision['threshold']:.0%})")
+        if decision.get("far"):
+            why += f"; under {decision['far_threshold']:.0%}: a domain far from the backbone's, a larger step"
     decision["why"] = f"--bn auto: {decision['bn']} ({s.cfg.optimizer} lr {s.cfg.lr:g}): {why}"
     _say(s, decision["why"])
     if rt.is_main:
         record = folder.read_config()
         folder.write_config({**record, "config": s.cfg.to_json(), "bn_decision": decision})
+
+
+def _say_weight_average(s: Setup, folder: RunFolder, stage: Stage) -> None:
+    """The EMA's decay follows the data's size: said in one line and kept in config.json."""
+    ema = stage.ema
+    _say(s, f"--ema-epochs {ema.epochs:g}: val and the saved model use the {ema.describe()}")
+    if s.rt.is_main:
+        record = folder.read_config()
+        folder.write_config({**record, "ema": {"epochs": ema.epochs, "steps_per_epoch": ema.steps_per_epoch,
+                                               "decay": ema.decay}})
 
 
 def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch: int, offset: int, stop,
@@ -380,7 +400,8 @@ def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch
             label_smoothing=cfg.label_smoothing, should_stop=stop.requested, accumulate=cfg.accumulate,
             device=rt.device, mix=stage.mix, autocast=rt.autocast, scaler=stage.scaler,
             no_sync=getattr(stage.trainable, "no_sync", None), reduce=reduce, on_step=on_step,
-            multi_label=s.multi_label)
+            multi_label=s.multi_label,
+            after_step=(lambda: stage.ema.update(stage.module)) if stage.ema is not None else None)
     except NonFiniteLoss as exc:
         raise Diverged(
             f"training stopped: the loss became {exc.value} at epoch {epoch}, step {exc.step}; likely a learning "
@@ -391,8 +412,10 @@ def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch
                           f"{folder.last_checkpoint_file}; continue with: visiontune train --resume {folder}")
     release_freed_memory()
     rt.broadcast_buffers(s.model)
+    if stage.ema is not None:  # averaged from each rank's own BatchNorm statistics: rank 0's for all
+        rt.broadcast_buffers(stage.ema.module)
     # In eval mode BatchNorm is a fixed affine map: a folded copy evaluates about 1.5x faster.
-    eval_model = stage.module if stage.on_features else fold_batchnorm(stage.module, s.pre.size)
+    eval_model = stage.module if stage.on_features else fold_batchnorm(stage.evaluated, s.pre.size)
     val_stats = evaluate(eval_model, s.progress(stage.val_batches, len(stage.val_batches), f"epoch {epoch} val"),
                          stage.prepare, label_smoothing=cfg.label_smoothing, device=rt.device,
                          autocast=rt.autocast, reduce=reduce, multi_label=s.multi_label,
@@ -405,9 +428,11 @@ def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch
             "stage": stage.name}, val_stats
 
 
-def _record(s: Setup, folder: RunFolder, loop: LoopState, row: dict, val: EvalOutput) -> None:
-    """Log one epoch's row; keep (and save) the model's weights when it is the best so far, and keep
-    that epoch's val probabilities (the end-of-run figures need no second val pass)."""
+def _record(s: Setup, folder: RunFolder, loop: LoopState, row: dict, val: EvalOutput,
+            weights: nn.Module | None = None) -> None:
+    """Log one epoch's row; keep (and save) the evaluated weights (`weights`, default the model's) when
+    it is the best so far, and keep that epoch's val probabilities (the end-of-run figures need no
+    second val pass)."""
     _say_excluded(s, folder)
     loop.metrics.append(row)
     if s.rt.is_main:
@@ -415,7 +440,8 @@ def _record(s: Setup, folder: RunFolder, loop: LoopState, row: dict, val: EvalOu
     _say(s, _epoch_line(row, _total_epochs(s.cfg, loop.plan)))
     if is_better(row["val_acc"], row["val_loss"], loop.best[1:] if loop.best else None):
         loop.best = (row["epoch"], row["val_acc"], row["val_loss"])
-        loop.best_weights = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
+        kept = weights if weights is not None else s.model
+        loop.best_weights = {k: v.detach().clone() for k, v in kept.state_dict().items()}
         loop.best_val = val
         if s.rt.is_main:
             folder.save_best(loop.best_weights, {**s.model_meta(), "best_epoch": row["epoch"],
