@@ -60,6 +60,9 @@ VISIONTUNE_ROWS = {
     "epochs6": ["--epochs", "6"],
     # Candidate (2026-12-01, fourth pass; not taken): a 3x larger AdamW step, reached over a one-epoch warm-up.
     "lr3e-4w1": ["--lr", "3e-4", "--warmup-epochs", "1"],
+    # Candidate (2026-12-02, sixth pass): the default's weight EMA with AdamW 1e-4 also on far domains (on the
+    # sets where --bn auto chooses frozen statistics; elsewhere it would replace SGD's 0.003).
+    "ema-lr1e-4": ["--lr", "1e-4"],
 }
 # Earlier defaults that no flags reproduce any more: rows of recorded results only.
 HISTORY_ROWS = {

@@ -307,7 +307,7 @@ def test_weight_average_follows_the_update_rule_with_a_decay_from_steps_per_epoc
     model = nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(1.0)
-    average = WeightAverage(model, epochs=0.5, steps_per_epoch=8)  # 4 steps: decay 1 - 1/4
+    average = WeightAverage(model, epochs=0.5, steps_per_epoch=8, min_steps=1)  # 4 steps: decay 1 - 1/4
     assert average.decay == 0.75
     for value in (3.0, 5.0):
         with torch.no_grad():
@@ -316,7 +316,8 @@ def test_weight_average_follows_the_update_rule_with_a_decay_from_steps_per_epoc
     # 0.75 * (0.75 * 1 + 0.25 * 3) + 0.25 * 5
     assert torch.allclose(average.module.weight, torch.full((1, 2), 2.375))
     assert model.weight[0, 0].item() == 5.0  # the model itself is untouched
-    assert WeightAverage(model, epochs=0.25, steps_per_epoch=2).decay == 0.0  # under one step: the raw weights
+    assert WeightAverage(model, epochs=0.25, steps_per_epoch=2, min_steps=1).decay == 0.0  # one step: the raw weights
+    assert WeightAverage(model, epochs=0.25, steps_per_epoch=8).decay == 0.875  # 2 steps, raised to the default 8
 
 
 def test_ema_decay_is_derived_from_the_data_size_and_said(tiny_settings, tmp_path, capsys):
@@ -329,14 +330,14 @@ def test_ema_decay_is_derived_from_the_data_size_and_said(tiny_settings, tmp_pat
     decays = {}
     for name, per_class in (("small", {"a": 9, "b": 8}), ("large", {"a": 20, "b": 20})):
         data = make_folder(tmp_path / name, per_class)
-        run = visiontune.train(data, out=str(tmp_path / f"run-{name}"), ema_epochs=0.5, bn="frozen",
+        run = visiontune.train(data, out=str(tmp_path / f"run-{name}"), ema_epochs=4, bn="frozen",
                                **{**tiny_settings, "epochs": 1, "quiet": False})
         record = json.loads((run.path / "config.json").read_text())["ema"]
         decays[name] = record["decay"]
-        assert record["decay"] == pytest.approx(1 - 1 / (0.5 * record["steps_per_epoch"]))
+        assert record["decay"] == pytest.approx(1 - 1 / (4 * record["steps_per_epoch"]))
         assert f"EMA decay {record['decay']:.4f} per step" in capsys.readouterr().out
-    # 17 images in batches of 4 (a last batch of one is dropped): 4 steps; 40 images: 10 steps.
-    assert decays == pytest.approx({"small": 0.5, "large": 0.8})
+    # 17 images in batches of 4 (a last batch of one is dropped): 4 steps an epoch; 40 images: 10 steps.
+    assert decays == pytest.approx({"small": 1 - 1 / 16, "large": 1 - 1 / 40})
     assert TrainConfig(data="d").resolved().ema_epochs == 0.25
     assert TrainConfig(data="d", mode="fixed").resolved().ema_epochs == 0.0
 

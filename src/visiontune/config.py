@@ -30,6 +30,9 @@ STRONG_MIXUP, STRONG_CUTMIX = 0.2, 1.0
 # epoch (EMA_EPOCHS): it removed the first fine-tuning epoch's dip below the probe, which the raw
 # weights' last steps cause (sign_digits seed 1: raw 0.907, EMA 0.956, probe 0.951; docs/recipes.md).
 EMA_EPOCHS = 0.25
+# ... and over at least 8 steps: a quarter epoch of a small set is 2 steps (hymenoptera, 8 steps an epoch), which
+# averages nothing; 8 steps is what a quarter epoch is on about 1 000 images in batches of 32.
+EMA_MIN_STEPS = 8
 FINE_TUNE = {"schedule": "cosine", "warmup_epochs": 0.0, "bn": "auto", "ema_epochs": EMA_EPOCHS}
 # What each BatchNorm policy fine-tunes with, unless --optimizer / --lr say otherwise.
 # frozen (the pretrained statistics kept): AdamW at 1e-4. On the sets far from ImageNet (eurosat10,
@@ -135,7 +138,8 @@ class TrainConfig:
     ema_epochs: float | None = None
     """Fine-tuning: val, the best epoch and the saved weights use an exponential moving average of the
     weights (timm's ModelEmaV3) with this time constant in epochs, so that it means the same on any
-    data size: decay = 1 - 1 / (ema_epochs x steps per epoch), said in one line and in config.json.
+    data size, and at least 8 steps: decay = 1 - 1 / max(ema_epochs x steps per epoch, 8), said in one
+    line and in config.json.
     Default 0.25 (finetune, staged, auto); 0: the raw weights. Fixed mode's head never averages."""
     crop_scale: float = 0.25
     """Fine-tuning: the smallest area of the random resized crop, as a share of the image (timm's

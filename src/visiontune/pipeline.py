@@ -24,7 +24,7 @@ from torch import nn
 
 from . import backbones, checkpoint
 from .callbacks import CallbackList
-from .config import MODE_DEFAULTS, TrainConfig
+from .config import EMA_MIN_STEPS, MODE_DEFAULTS, TrainConfig
 from .data import Splits, discover, label_tensor, train_loader, val_loader
 from .errors import DataError, UsageError
 from .features import FeatureBatches, FeatureCache, extract_features
@@ -421,13 +421,15 @@ def full_stage(s: Setup, epochs: int) -> Stage:
 class WeightAverage:
     """An exponential moving average of a model's weights (timm's ModelEmaV3; BatchNorm's running
     statistics are averaged too), updated after every optimizer step. Its time constant is given in
-    epochs, so the per-step decay follows the data's size: 1 - 1 / (epochs x steps per epoch)."""
+    epochs, so the per-step decay follows the data's size, and is at least `min_steps` steps:
+    1 - 1 / max(epochs x steps per epoch, min_steps)."""
 
-    def __init__(self, model: nn.Module, epochs: float, steps_per_epoch: int):
+    def __init__(self, model: nn.Module, epochs: float, steps_per_epoch: int, min_steps: int = EMA_MIN_STEPS):
         from timm.utils import ModelEmaV3
 
         self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
-        self.decay = max(0.0, 1.0 - 1.0 / (epochs * steps_per_epoch))
+        self.steps = max(epochs * steps_per_epoch, min_steps)
+        self.decay = max(0.0, 1.0 - 1.0 / self.steps)
         # Starts as a copy of the model as the stage begins (the probe's head on the pretrained backbone).
         self.average = ModelEmaV3(model, decay=self.decay)
 
@@ -439,8 +441,8 @@ class WeightAverage:
         self.average.update(model)
 
     def describe(self) -> str:
-        return (f"weights averaged over about {self.epochs:g} epoch ({self.epochs * self.steps_per_epoch:.0f} of "
-                f"{self.steps_per_epoch} steps): EMA decay {self.decay:.4f} per step")
+        return (f"weights averaged over {self.epochs:g} epoch, at least {self.steps:.0f} steps (an epoch is "
+                f"{self.steps_per_epoch}): EMA decay {self.decay:.4f} per step")
 
 
 def class_weights_for(s: Setup) -> torch.Tensor | None:

@@ -376,7 +376,7 @@ def _say_weight_average(s: Setup, folder: RunFolder, stage: Stage) -> None:
     if s.rt.is_main:
         record = folder.read_config()
         folder.write_config({**record, "ema": {"epochs": ema.epochs, "steps_per_epoch": ema.steps_per_epoch,
-                                               "decay": ema.decay}})
+                                               "steps": ema.steps, "decay": ema.decay}})
 
 
 def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch: int, offset: int, stop,
