@@ -68,12 +68,10 @@ VISIONTUNE_ROWS = {
 }
 # Earlier defaults that no flags reproduce any more: rows of recorded results only.
 HISTORY_ROWS = {
-    # 2026-12-02, f90a56a: --bn auto without the weight EMA, AdamW 1e-4 on every set with frozen statistics.
     "bnauto": "the default of 2026-12-02 (f90a56a): --bn auto, no weight EMA, AdamW 1e-4 wherever statistics froze",
-    # a72735a: the weight EMA without its 8-step floor (hymenoptera's decay 0.5, two steps); its sign_digits and
-    # eurosat10 runs are the default row (a quarter epoch is 13 steps there: the floor changes nothing).
+    # Its sign_digits and eurosat10 runs are the default row: a quarter epoch is 13 steps there, the floor
+    # changes nothing.
     "ema-a72735a": "the default at a72735a on hymenoptera: the weight EMA over a quarter epoch without the 8-step floor",
-    # staged and auto as they ran with the bnauto default (f90a56a), before the EMA.
     "staged-bnauto": "--mode staged with the bnauto default's fine-tuning (f90a56a)",
     "auto-bnauto": "--mode auto --budget 4m with the bnauto default's fine-tuning (f90a56a)",
 }

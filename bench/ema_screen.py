@@ -19,27 +19,12 @@ import sys
 import time
 from dataclasses import replace
 
-import torch
-from timm.utils import ModelEmaV3
-
 from visiontune import runtime
 from visiontune.config import TrainConfig
 from visiontune.engine import evaluate, train_one_epoch
 from visiontune.folding import fold_batchnorm
-from visiontune.pipeline import build_setup, full_stage, image_val_batches
+from visiontune.pipeline import WeightAverage, build_setup, full_stage, image_val_batches
 from visiontune.training import probe_row
-
-
-class StepThenAverage:
-    """The stage's scheduler, which train_one_epoch steps after every optimizer step: the EMAs follow."""
-
-    def __init__(self, scheduler, model, averages):
-        self.scheduler, self.model, self.averages = scheduler, model, averages
-
-    def step(self):
-        self.scheduler.step()
-        for average in self.averages:
-            average.update(self.model)
 
 
 def main() -> int:
@@ -58,18 +43,23 @@ def main() -> int:
     s.cfg = s.cfg.with_bn_policy(args.bn)
     if args.lr:
         s.cfg = replace(s.cfg, lr=args.lr)
-    stage = full_stage(s, args.epochs)
-    decays = [1 - 1 / (tau * stage.steps_per_epoch) for tau in args.taus]
-    averages = [ModelEmaV3(stage.module, decay=d) for d in decays]
-    scheduler = StepThenAverage(stage.scheduler, stage.module, averages)
+    # The run's own average is off: the screen keeps its own, one per time constant, without the 8-step floor.
+    stage = full_stage(replace(s, cfg=replace(s.cfg, ema_epochs=0.0)), args.epochs)
+    averages = [WeightAverage(stage.module, tau, stage.steps_per_epoch, min_steps=1) for tau in args.taus]
+    decays = [a.decay for a in averages]
+
+    def after_step():
+        for average in averages:
+            average.update(stage.module)
     print(f"{args.data} seed {cfg.seed} bn {args.bn} {s.cfg.optimizer} lr {s.cfg.lr:g} warm-up {args.warmup_epochs}; "
           f"{stage.steps_per_epoch} steps/epoch; EMA taus {args.taus} epochs = decays "
           f"{[round(d, 4) for d in decays]}", flush=True)
     print(f"epoch 0 (probe): {probe_acc:.4f}", flush=True)
     for epoch in range(1, args.epochs + 1):
         start = time.time()
-        train_one_epoch(stage.trainable, stage.train_batches, stage.optimizer, stage.prepare, scheduler, stage.frozen,
-                        label_smoothing=s.cfg.label_smoothing, accumulate=s.cfg.accumulate, mix=stage.mix)
+        train_one_epoch(stage.trainable, stage.train_batches, stage.optimizer, stage.prepare, stage.scheduler,
+                        stage.frozen, label_smoothing=s.cfg.label_smoothing, accumulate=s.cfg.accumulate, mix=stage.mix,
+                        after_step=after_step)
         accs = []
         for model in [stage.module, *(a.module for a in averages)]:
             accs.append(evaluate(fold_batchnorm(model, s.pre.size), image_val_batches(s), s.prepare).accuracy)

@@ -11,6 +11,7 @@ is restored afterwards, so a later `train` is unaffected.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -57,6 +58,8 @@ def lr_find(data: str, steps: int = 100, start: float = 1e-6, end: float = 1.0, 
         # train's --bn auto measures its fitted head, which the range test (from a new head) does not
         # have: it tests the pretrained-statistics recipe; --bn train tests the other.
         cfg = cfg.with_bn_policy("frozen")
+    # The range test reads training losses only: no weight average to keep beside the model.
+    cfg = dataclasses.replace(cfg, ema_epochs=0.0)
     folder = choose_run_dir(cfg, kind="lr-find")
     ensure_writable(folder)
     rt = runtime.start(cfg.device, cfg.precision, cfg.deterministic)

@@ -621,7 +621,8 @@ def _time_fine_tune_step(s: Setup) -> tuple[float, float, float]:
     cfg, rt = s.cfg, s.rt
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
         # The fine-tuning stage exactly as training builds it (freezing, optimizer groups), on a copy.
-        stage = full_stage(replace(s, model=copy.deepcopy(s.model)), cfg.epochs)
+        # Without the weight average: these steps are timed, never evaluated, and its copy would be waste.
+        stage = full_stage(replace(s, model=copy.deepcopy(s.model), cfg=replace(cfg, ema_epochs=0.0)), cfg.epochs)
         model, optimizer = stage.module, stage.optimizer
         generator = torch.Generator().manual_seed(0)
         inputs = torch.randn(cfg.batch_size, 3, cfg.train_size, cfg.train_size, generator=generator).to(rt.device)
