@@ -87,32 +87,43 @@ DOC_BEGIN, DOC_END = "<!-- accuracy.py table: begin -->", "<!-- accuracy.py tabl
 # The tutorial script seeds with 0; this runs it unchanged except for that seed.
 SEEDED_TUTORIAL = """
 import runpy, sys, torch
-seed, script, data = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+seed, script, data, device = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 manual_seed = torch.manual_seed
 torch.manual_seed = lambda _ignored: manual_seed(seed)
-sys.argv = [script, data, "finetune", "25"]
+sys.argv = [script, data, "finetune", "25", device]
 runpy.run_path(script, run_name="__main__")
 """
 
 
-def machine() -> str:
+def machine(device: str = "cpu") -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor() or "cpu")
-    return f"{model}, {os.cpu_count()} cores"
+    cpu = f"{model}, {os.cpu_count()} cores"
+    if device == "cpu":
+        return cpu
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return f"{gpu.stdout.strip() or device} (the run on {device}), {cpu}"
 
 
 def commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True)
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=REPO, capture_output=True, text=True)
+    except OSError:  # a copy of the tree on a machine without git (the device tool's)
+        return os.environ.get("BENCH_COMMIT", "unknown")
+    if done.returncode != 0:
+        return os.environ.get("BENCH_COMMIT", "unknown")
     return done.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def run_tutorial(data: Path, seed: int) -> dict:
+def run_tutorial(data: Path, seed: int, device: str, log: Path) -> dict:
+    """The tutorial's per-epoch lines go to `log` as they come, so a run cut short still shows how far it got."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", SEEDED_TUTORIAL, str(seed), str(SHARED / "bench" / "tutorial_baseline.py"),
-                           str(data)], capture_output=True, text=True, check=True)
+    with log.open("w") as err:
+        subprocess.run([sys.executable, "-c", SEEDED_TUTORIAL, str(seed), str(SHARED / "bench" / "tutorial_baseline.py"),
+                        str(data), device], stdout=subprocess.DEVNULL, stderr=err, check=True)
     wall = time.perf_counter() - start
-    val_accs = [float(m) for m in re.findall(r"epoch \d+ val loss \S+ acc (\S+)", done.stderr)]
+    val_accs = [float(m) for m in re.findall(r"epoch \d+ val loss \S+ acc (\S+)", log.read_text())]
     return {"best_val_acc": max(val_accs), "val_accs": val_accs, "wall": wall}
 
 
@@ -263,6 +274,9 @@ def main() -> int:
     parser.add_argument("--rows", nargs="+", default=["default", "fixed", "staged", "auto"], choices=RUNNABLE)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fastai-python", help="a Python that has fastai (for the fastai row)")
+    parser.add_argument("--tutorial-device", default="cpu",
+                        help="where the tutorial row runs (cuda: its own model.to(device) path, for its accuracy; "
+                             "its wall is then not comparable with the CPU rows)")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "accuracy.json")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--write-doc", action="store_true", help="put the table and targets into docs/recipes.md")
@@ -279,13 +293,15 @@ def main() -> int:
                 for seed in (args.seeds[:1] if row in ONE_SEED_ROWS else args.seeds):
                     load_before = os.getloadavg()[0]
                     if row == "tutorial":
-                        result = run_tutorial(data, seed)
+                        log = args.results.parent / f"tutorial-{name}-seed{seed}.log"
+                        result = run_tutorial(data, seed, args.tutorial_device, log)
                     elif row == "fastai":
                         result = run_fastai(args.fastai_python, data)
                     else:
                         result = run_visiontune(row, data, seed, cache)
                     result.update(set=name, row=row, seed=seed, load_before=round(load_before, 2),
-                                  when=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine(), commit=commit())
+                                  when=time.strftime("%Y-%m-%d %H:%M:%S"), commit=commit(),
+                                  machine=machine(args.tutorial_device if row == "tutorial" else "cpu"))
                     print(json.dumps({k: v for k, v in result.items() if k != "val_accs"}), flush=True)
                     results = [r for r in results if (r["set"], r["row"], r["seed"]) != (name, row, seed)] + [result]
                     args.results.write_text(json.dumps(results, indent=1))

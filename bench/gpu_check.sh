@@ -5,6 +5,10 @@
 # The device machine has its own PyTorch, torchvision, timm and onnxruntime and no package
 # registry: visiontune is installed there without dependencies, plus the carried wheels.
 # It runs the tests marked `gpu`, then prints the throughput table (bench/gpu_throughput.py).
+# With GPU_CHECK_TUTORIAL_SETS="sign_digits eurosat10" it also runs bench/accuracy.py's tutorial row on
+# those sets on the GPU, beside the tests, and skips the throughput table (the GPU is shared then).
+# The data travels as a link to ../shared named in carry: once here, `ln -sfn ../shared .gpu_shared`
+# (ignored by .git/info/exclude), then carry [".whl", ".gpu_shared/bench", ".gpu_shared/data/SET", ...].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -23,10 +27,26 @@ print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {
       f"cuda {torch.version.cuda}, gpu {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
 PY
 set +e
+tutorial_pids=()
+for set_name in ${GPU_CHECK_TUTORIAL_SETS:-}; do
+  mkdir -p "$OUT/$set_name"
+  VISIONTUNE_SHARED="$PWD/.gpu_shared" timeout "${GPU_CHECK_TUTORIAL_TIMEOUT:-480}" python3 bench/accuracy.py \
+    --sets "$set_name" --rows tutorial --seeds 0 --tutorial-device cuda --results "$OUT/$set_name/accuracy.json" \
+    >"$OUT/$set_name/stdout.log" 2>&1 &
+  tutorial_pids+=($!)
+done
 timeout 200 python3 -m pytest -v -m gpu -p no:cacheprovider --timeout 150 tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
 tests=${PIPESTATUS[0]}
-timeout 220 python3 bench/gpu_throughput.py 2>&1 | tee "$OUT/gpu_table.md"
-bench=${PIPESTATUS[0]}
+if [ ${#tutorial_pids[@]} -eq 0 ]; then
+  timeout 220 python3 bench/gpu_throughput.py 2>&1 | tee "$OUT/gpu_table.md"
+  bench=${PIPESTATUS[0]}
+else
+  bench=0
+  for pid in "${tutorial_pids[@]}"; do wait "$pid" || bench=1; done
+  for set_name in $GPU_CHECK_TUTORIAL_SETS; do
+    echo "== tutorial row, $set_name"; tail -n 4 "$OUT/$set_name/stdout.log" "$OUT/$set_name"/tutorial-*.log
+  done
+fi
 set -e
-echo "gpu tests exit $tests, throughput exit $bench"
+echo "gpu tests exit $tests, throughput or tutorial rows exit $bench"
 exit $(( tests != 0 || bench != 0 ))

@@ -293,3 +293,19 @@ def test_head_stage_writes_last_ckpt_sparingly_and_resumes_exactly(tiny_data, ti
     assert without_timing(read_metrics(whole.path)) == without_timing(read_metrics(resumed.path))
     for k, v in whole.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+
+def test_resume_with_loader_workers_equals_the_uninterrupted_run(tiny_data, tiny_settings, tmp_path, monkeypatch):
+    # GPUs get loader workers by default. Their augmentation streams must restart from the checkpointed
+    # global RNG each epoch (persistent workers would carry theirs across epochs, past any checkpoint).
+    settings = {**tiny_settings, "epochs": 4, "workers": 2, "deterministic": True}
+    whole = visiontune.train(tiny_data, out=str(tmp_path / "whole"), **settings)
+    with monkeypatch.context() as patch:
+        stop_in_epoch(patch, 3)
+        with pytest.raises(StopInEpoch):
+            visiontune.train(tiny_data, out=str(tmp_path / "split"), **settings)
+    assert checkpoint.load_training_state(tmp_path / "split" / "last.ckpt")["epoch"] == 2
+    resumed = visiontune.resume(tmp_path / "split")
+    assert read_metrics(whole.path, timing=False) == read_metrics(resumed.path, timing=False)
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k

@@ -495,7 +495,10 @@ def train_loader(items: list[tuple[Path, int]], decode, transform, cfg, rt, gene
         # The generator goes to the sampler only: given to the DataLoader it would also be drawn
         # from for worker seeds, and the order would differ from the cached-feature path's.
         dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_readable,
-        pin_memory=rt.device.type == "cuda", persistent_workers=workers > 0,
+        # Not persistent: workers started each epoch are seeded from the global RNG at that epoch's
+        # start, which last.ckpt saves, so a resumed run augments exactly as the uninterrupted one.
+        # Persistent workers carry their random streams across epochs, where no checkpoint reaches.
+        pin_memory=rt.device.type == "cuda", persistent_workers=False,
         multiprocessing_context=_worker_context(workers),
         # A last batch of one sample breaks BatchNorm in train mode; drop it then.
         drop_last=len(sampler) % cfg.batch_size == 1 and cfg.mode != "fixed")
