@@ -11,8 +11,8 @@ Rows:
 - auto:     `visiontune train DATA --mode auto --budget 4m`;
 - tutorial: ../shared/bench/tutorial_baseline.py DATA finetune 25 (the tutorial's loop and recipe), one
             seed: over an hour per set on 2 cores;
-- candidates and history (crop60, epochs6, lr3e-4w1, ema-lr1e-4; bnauto and the others in HISTORY_ROWS,
-            results only): see docs/recipes.md;
+- candidates and history (crop60, epochs6, lr3e-4w1, ema-lr1e-4, eval160, eval160-lr1e-4; bnauto and the
+            others in HISTORY_ROWS, results only): see docs/recipes.md;
 - fastai:   ../shared/bench/fastai_anchor.py DATA 3 (vision_learner + fine_tune(3)), one seed; needs a
             Python with fastai installed, given as --fastai-python (a venv of its own, same torch pin).
 
@@ -65,6 +65,11 @@ VISIONTUNE_ROWS = {
     # Candidate (2026-12-02, sixth pass): the default's weight EMA with AdamW 1e-4 also on far domains (on the
     # sets where --bn auto chooses frozen statistics; elsewhere it would replace SGD's 0.003).
     "ema-lr1e-4": ["--lr", "1e-4"],
+    # Candidate (2026-12-04, seventh pass): evaluate (and probe) at the 160 px the fine-tuning crops are
+    # taken at, for sets of small images (sign_digits 100 px, eurosat10 64 px): no train/test resolution gap.
+    "eval160": ["--image-size", "160", "--train-size", "160"],
+    # The same with the smaller far-domain step: does the stronger 160 px probe want a gentler start?
+    "eval160-lr1e-4": ["--image-size", "160", "--train-size", "160", "--lr", "1e-4"],
 }
 # Earlier defaults that no flags reproduce any more: rows of recorded results only.
 HISTORY_ROWS = {
@@ -72,6 +77,8 @@ HISTORY_ROWS = {
     # Its sign_digits and eurosat10 runs are the default row: a quarter epoch is 13 steps there, the floor
     # changes nothing.
     "ema-a72735a": "the default at a72735a on hymenoptera: the weight EMA over a quarter epoch without the 8-step floor",
+    "default-6th": "the default of the sixth pass (9cf298e to 7016261) on sign_digits and eurosat10: val at 224 px "
+                   "whatever the images' size",
     "staged-bnauto": "--mode staged with the bnauto default's fine-tuning (f90a56a)",
     "auto-bnauto": "--mode auto --budget 4m with the bnauto default's fine-tuning (f90a56a)",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import csv
 
 import numpy as np
@@ -19,7 +20,7 @@ from visiontune.preprocess import Preprocessing, TrainTransform
 from visiontune.recipes import (inverse_frequency_weights, layer_decay_groups, lr_multiplier, make_optimizer,
                                 make_sampler, param_groups)
 
-from .conftest import approx_loss, without_timing
+from .conftest import approx_loss, make_image, without_timing
 
 
 def test_accumulating_k_batches_equals_one_big_batch():
@@ -367,3 +368,39 @@ def test_val_and_the_saved_model_are_the_average(tiny_data, tiny_settings, tmp_p
     s = build_setup(TrainConfig(data=str(tiny_data), **settings).resolved(), runtime.start("cpu", "fp32", False))
     s.model.load_state_dict(best)
     assert evaluate(s.model, image_val_batches(s), s.prepare).accuracy == pytest.approx(run.metrics[-1]["val_acc"])
+
+
+def test_small_images_are_evaluated_at_the_training_crop_size(tiny_data, tiny_settings, tmp_path, capsys):
+    # test_efficientnet's own size is 160 px, so fine-tuning crops are 112 px. The generated images are
+    # 40x32: below the crops, so val and training both use 112 px, said once and kept in config.json.
+    settings = {k: v for k, v in tiny_settings.items() if k not in ("image_size", "train_size", "quiet")}
+    run = visiontune.train(tiny_data, out=str(tmp_path / "small"), **{**settings, "epochs": 1})
+    record = json.loads((run.path / "config.json").read_text())
+    assert (record["config"]["image_size"], record["config"]["train_size"]) == (112, 112)
+    assert record["image_size_decision"] == {
+        "median_short_side": 32, "images_read": 17, "small": True, "image_size": 112, "train_size": 112,
+        "why": "image size 112 px for val and training: the training images' median short side is 32 px, below "
+               "the 112 px training crops, and a larger val size would only upscale them (--image-size sets it)"}
+    assert capsys.readouterr().out.count("image size 112 px for val and training") == 1
+    # Sizes given, or fixed mode (no crops): the backbone's sizes, no decision.
+    for name, extra in (("given", {"image_size": 64}), ("fixed", {"mode": "fixed"})):
+        run = visiontune.train(tiny_data, out=str(tmp_path / name), **{**settings, "epochs": 1, **extra})
+        record = json.loads((run.path / "config.json").read_text())
+        assert "image_size_decision" not in record
+        assert record["config"]["image_size"] == extra.get("image_size", 160)
+
+
+def test_large_images_keep_the_backbone_eval_size(tmp_path):
+    from visiontune.config import TrainConfig
+    from visiontune.pipeline import choose_image_sizes, resolve_data
+
+    rng = np.random.default_rng(0)
+    for label, cls in enumerate(("ants", "bees")):
+        for i in range(5):  # one small image among large ones: the median decides
+            make_image(tmp_path / "data" / "train" / cls / f"{i}.png", label, rng, size=(40, 30) if i == 0 else (300, 200))
+        make_image(tmp_path / "data" / "val" / cls / "v.png", label, rng)
+    cfg = TrainConfig(data=str(tmp_path / "data")).resolved()
+    eval_size, train_size, decision = choose_image_sizes(cfg, resolve_data(cfg), 224)
+    assert (eval_size, train_size) == (224, 160)
+    assert decision == {"median_short_side": 200, "images_read": 10, "small": False, "image_size": 224,
+                        "train_size": 160, "why": None}

@@ -155,7 +155,8 @@ class TrainConfig:
     views: int = 1
     """Fixed mode: feature views per training image; view 0 is un-augmented, the others augmented."""
     image_size: int | None = None
-    """Evaluation input size; default from the backbone's data config."""
+    """Evaluation input size; default from the backbone's data config, or, when fine-tuning on images
+    whose median short side is below the training crop size, the crop size (said in one line)."""
     train_size: int | None = None
     """Fine-tune training crop size; default 5/7 of the eval size (160 for 224): about 2x cheaper
     steps, and training at a lower resolution than testing does not cost accuracy (FixRes)."""

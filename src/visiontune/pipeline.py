@@ -70,6 +70,51 @@ def default_train_size(eval_size: int) -> int:
     return max(32, int(round(eval_size * 5 / 7 / 16)) * 16)
 
 
+# Training files whose sizes are read (headers only) to decide the sizes for small images.
+SIZE_SAMPLE = 64
+
+
+def median_short_side(items: list[tuple[Path, int]], limit: int = SIZE_SAMPLE) -> tuple[int | None, int]:
+    """The median short side of up to `limit` evenly spaced training files, and how many were read.
+    PIL reads only the headers; files it cannot open are skipped (screening reports them later)."""
+    from PIL import Image
+
+    step = max(1, len(items) // limit)
+    sides = []
+    for path, _ in items[::step][:limit]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError):
+            continue
+    return (sorted(sides)[len(sides) // 2] if sides else None), len(sides)
+
+
+def choose_image_sizes(cfg: TrainConfig, splits: Splits, eval_size: int) -> tuple[int, int, dict | None]:
+    """(eval size, training crop size, the decision for config.json or None when not made).
+
+    Fine-tuning trains on crops smaller than the eval size (faster steps). For images smaller than those
+    crops, a larger eval size only upscales them, and the gap between the two sizes is what fine-tuning's
+    first epoch paid for: on sign_digits (100 px) and eurosat10 (64 px), evaluating at the 160 px the
+    crops are taken at halved or removed the first-epoch drop and raised the best epoch (docs/recipes.md,
+    seventh pass). So when the training images' median short side is below the crop size, both sizes are
+    the crop size. Sizes given on the command line, fixed mode (no crops) and data that are not files
+    keep the backbone's sizes."""
+    train_size = default_train_size(eval_size)
+    if cfg.image_size is not None or cfg.train_size is not None or cfg.mode == "fixed":
+        return eval_size, cfg.train_size or (train_size if cfg.mode != "fixed" else eval_size), None
+    median, read = median_short_side(splits.samples.get("train", []))
+    if median is None:
+        return eval_size, train_size, None
+    small = median < train_size
+    decision = {"median_short_side": median, "images_read": read, "small": small,
+                "image_size": train_size if small else eval_size, "train_size": train_size,
+                "why": (f"image size {train_size} px for val and training: the training images' median short side "
+                        f"is {median} px, below the {train_size} px training crops, and a larger val size would "
+                        f"only upscale them (--image-size sets it)") if small else None}
+    return decision["image_size"], train_size, decision
+
+
 @dataclass
 class Setup:
     """Everything both stages share."""
@@ -88,6 +133,8 @@ class Setup:
     generator: torch.Generator
     progress: Callable
     excluded: dict[str, str]
+    size_decision: dict | None = None
+    """How the image sizes followed the data (choose_image_sizes), for config.json; None when given."""
     observers: CallbackList = field(default_factory=CallbackList)
     """Callbacks and experiment loggers (rank 0); run_training sets them once the run folder exists."""
     on_exclude: Callable[[dict[str, str]], None] | None = None
@@ -233,9 +280,11 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
         weights_source, head_from_init = init_from_run(model, backbone, cfg, splits.classes, rt)
     seed_rank(cfg.seed, rt.rank)
     pre = Preprocessing.from_data_config(backbones.data_config(model), cfg.image_size)
+    eval_size, train_size, size_decision = choose_image_sizes(cfg, splits, pre.size)
+    if eval_size != pre.size:
+        pre = Preprocessing.from_data_config(backbones.data_config(model), eval_size)
     # Record the sizes actually used, so config.json is complete without the backbone at hand.
-    cfg = replace(cfg, image_size=pre.size, train_size=cfg.train_size or (
-        default_train_size(pre.size) if cfg.mode != "fixed" else pre.size))
+    cfg = replace(cfg, image_size=pre.size, train_size=train_size)
     model = model.to(rt.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -257,7 +306,7 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
     return Setup(cfg=cfg, rt=rt, splits=splits, model=model, backbone=backbone, weights_source=weights_source,
                  head_from_init=head_from_init,
                  pre=pre, decode=decode, cache_dir=cache_dir, generator=generator, progress=progress,
-                 excluded=excluded)
+                 excluded=excluded, size_decision=size_decision)
 
 
 @dataclass

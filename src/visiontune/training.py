@@ -185,6 +185,8 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None, callbacks: 
     s = replace(s, observers=CallbackList(list(callbacks) + loggers_for(cfg.log, folder.path, cfg.to_json()))
                 if s.rt.is_main else CallbackList())
     loop = _restore(s, folder, resume_state) if resume_state is not None else LoopState(started=started)
+    if resume_state is None and s.size_decision is not None and s.size_decision["small"]:
+        _say(s, s.size_decision["why"])
     if resume_state is None and s.rt.is_main:
         loop.duplicate_check = DuplicateCheck(s.splits)
         s = replace(s, progress=_starting_after_first_batch(s.progress, loop.duplicate_check.start))
@@ -514,6 +516,7 @@ def _start_run_folder(s: Setup) -> Path:
                  "split_folders": s.splits.split_folders, "classes": s.classes, "counts": s.splits.counts(),
                  "auto_split": s.splits.auto_split},
         "processes": s.rt.world_size,
+        **({"image_size_decision": s.size_decision} if s.size_decision is not None else {}),
     })
     folder.write_splits(s.splits.samples, s.classes)
     return folder.path
