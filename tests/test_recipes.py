@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -391,7 +391,6 @@ def test_small_images_are_evaluated_at_the_training_crop_size(tiny_data, tiny_se
 
 
 def test_large_images_keep_the_backbone_eval_size(tmp_path):
-    from visiontune.config import TrainConfig
     from visiontune.pipeline import choose_image_sizes, resolve_data
 
     rng = np.random.default_rng(0)

@@ -85,7 +85,7 @@ def median_short_side(items: list[tuple[Path, int]], limit: int = SIZE_SAMPLE) -
         try:
             with Image.open(path) as image:
                 sides.append(min(image.size))
-        except (OSError, ValueError):
+        except (OSError, ValueError, Image.DecompressionBombError):
             continue
     return (sorted(sides)[len(sides) // 2] if sides else None), len(sides)
 
