@@ -70,6 +70,23 @@ def stop_in_epoch(monkeypatch, stop_at: int) -> None:
     monkeypatch.setattr(training, "_epoch_row", stopping)
 
 
+def train_stopped_in_epoch(monkeypatch, stop_at: int, data: Path, out: Path, settings: dict) -> None:
+    """A run killed in epoch `stop_at`: its folder holds last.ckpt of the epoch saved before."""
+    import visiontune
+
+    with monkeypatch.context() as patch:
+        stop_in_epoch(patch, stop_at)
+        with pytest.raises(StopInEpoch):
+            visiontune.train(data, out=str(out), **settings)
+
+
+def assert_same_run(expected, actual) -> None:
+    """Two finished runs are the same run: metrics.csv without its timing column, and every weight."""
+    assert read_metrics(expected.path, timing=False) == read_metrics(actual.path, timing=False)
+    for k, v in expected.model.state_dict().items():
+        assert torch.equal(v, actual.model.state_dict()[k]), k
+
+
 def needs_hymenoptera():
     return pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"{HYMENOPTERA} not present")
 

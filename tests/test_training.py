@@ -16,7 +16,7 @@ from visiontune import checkpoint
 from visiontune.errors import UsageError
 from visiontune.runfolder import RunFolder
 
-from .conftest import StopInEpoch, approx_loss, read_metrics, stop_in_epoch, without_timing
+from .conftest import approx_loss, assert_same_run, read_metrics, train_stopped_in_epoch, without_timing
 
 
 def test_run_folder_has_everything_predict_needs(tiny_data, tiny_settings, tmp_path):
@@ -284,15 +284,9 @@ def test_head_stage_writes_last_ckpt_sparingly_and_resumes_exactly(tiny_data, ti
     assert saved == [0, 1, 2, 3, 4, 5, 6, 6]
     # Stopped in epoch 4 with last.ckpt from epoch 0: the resumed run is the uninterrupted one.
     monkeypatch.setattr(training, "HEAD_STAGE_SAVE_EVERY_S", 10.0)
-    with monkeypatch.context() as patch:
-        stop_in_epoch(patch, 4)
-        with pytest.raises(StopInEpoch):
-            visiontune.train(tiny_data, out=str(tmp_path / "split"), **settings)
+    train_stopped_in_epoch(monkeypatch, 4, tiny_data, tmp_path / "split", settings)
     assert checkpoint.load_training_state(tmp_path / "split" / "last.ckpt")["epoch"] == 0
-    resumed = visiontune.resume(tmp_path / "split")
-    assert without_timing(read_metrics(whole.path)) == without_timing(read_metrics(resumed.path))
-    for k, v in whole.model.state_dict().items():
-        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert_same_run(whole, visiontune.resume(tmp_path / "split"))
 
 
 def test_resume_with_loader_workers_equals_the_uninterrupted_run(tiny_data, tiny_settings, tmp_path, monkeypatch):
@@ -300,12 +294,6 @@ def test_resume_with_loader_workers_equals_the_uninterrupted_run(tiny_data, tiny
     # global RNG each epoch (persistent workers would carry theirs across epochs, past any checkpoint).
     settings = {**tiny_settings, "epochs": 4, "workers": 2, "deterministic": True}
     whole = visiontune.train(tiny_data, out=str(tmp_path / "whole"), **settings)
-    with monkeypatch.context() as patch:
-        stop_in_epoch(patch, 3)
-        with pytest.raises(StopInEpoch):
-            visiontune.train(tiny_data, out=str(tmp_path / "split"), **settings)
+    train_stopped_in_epoch(monkeypatch, 3, tiny_data, tmp_path / "split", settings)
     assert checkpoint.load_training_state(tmp_path / "split" / "last.ckpt")["epoch"] == 2
-    resumed = visiontune.resume(tmp_path / "split")
-    assert read_metrics(whole.path, timing=False) == read_metrics(resumed.path, timing=False)
-    for k, v in whole.model.state_dict().items():
-        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert_same_run(whole, visiontune.resume(tmp_path / "split"))
