@@ -73,6 +73,10 @@ VISIONTUNE_ROWS = {
     # Candidate (2026-12-04, eighth pass): 5 fine-tuning epochs instead of 3, on the far domains (sign_digits
     # was still rising at its third epoch; their walls leave room inside a third of fastai's).
     "epochs5": ["--epochs", "5"],
+    # Candidates (eighth pass): layer-wise lr decay 0.7 (timm's block groups: each block group from the head
+    # down at 0.7x the lr of the one above), on the far domains with 5 epochs, elsewhere with the default's.
+    "far-ld07": ["--epochs", "5", "--lr-decay", "0.7"],
+    "ld07": ["--lr-decay", "0.7"],
 }
 # Earlier defaults that no flags reproduce any more: rows of recorded results only.
 HISTORY_ROWS = {
