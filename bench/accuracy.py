@@ -70,10 +70,11 @@ VISIONTUNE_ROWS = {
     "eval160": ["--image-size", "160", "--train-size", "160"],
     # The same with the smaller far-domain step: does the stronger 160 px probe want a gentler start?
     "eval160-lr1e-4": ["--image-size", "160", "--train-size", "160", "--lr", "1e-4"],
-    # Candidate (2026-12-04, eighth pass): 5 fine-tuning epochs instead of 3, on the far domains (sign_digits
-    # was still rising at its third epoch; their walls leave room inside a third of fastai's).
+    # Candidate (2026-12-04, eighth pass; then the default on far domains): 5 fine-tuning epochs instead of 3,
+    # on the far domains (sign_digits was still rising at its third epoch; their walls leave room inside a
+    # third of fastai's).
     "epochs5": ["--epochs", "5"],
-    # Candidates (eighth pass): layer-wise lr decay 0.7 (timm's block groups: each block group from the head
+    # Candidates (eighth pass; not taken): layer-wise lr decay 0.7 (timm's block groups: each block group from the head
     # down at 0.7x the lr of the one above), on the far domains with 5 epochs, elsewhere with the default's.
     "far-ld07": ["--epochs", "5", "--lr-decay", "0.7"],
     "ld07": ["--lr-decay", "0.7"],
@@ -86,6 +87,8 @@ HISTORY_ROWS = {
     "ema-a72735a": "the default at a72735a on hymenoptera: the weight EMA over a quarter epoch without the 8-step floor",
     "default-6th": "the default of the sixth pass (9cf298e to 7016261) on sign_digits and eurosat10: val at 224 px "
                    "whatever the images' size",
+    "default-7th": "the default of the seventh pass (008531e to a1af914) on sign_digits and eurosat10: 3 epochs on "
+                   "far domains too",
     "staged-bnauto": "--mode staged with the bnauto default's fine-tuning (f90a56a)",
     "auto-bnauto": "--mode auto --budget 4m with the bnauto default's fine-tuning (f90a56a)",
 }

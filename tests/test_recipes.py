@@ -262,8 +262,8 @@ def test_bn_policy_is_measured_on_the_data_two_generated_sets():
 def test_bn_auto_decision_reaches_config_and_training(tiny_data, tiny_settings, tmp_path, monkeypatch, capsys,
                                                        threshold, far_threshold, policy, far):
     """The decision is said in one line, written to config.json with the measurement, brings its
-    optimizer and lr (a larger step for frozen statistics on a far domain), and is what training does:
-    train moves the running statistics, frozen keeps them."""
+    optimizer, lr and epochs (a larger step over more epochs for frozen statistics on a far domain), and
+    is what training does: train moves the running statistics, frozen keeps them."""
     import json
 
     from visiontune import recipes
@@ -272,17 +272,20 @@ def test_bn_auto_decision_reaches_config_and_training(tiny_data, tiny_settings, 
 
     monkeypatch.setattr(recipes, "BN_TRAIN_MIN_AGREEMENT", threshold)
     monkeypatch.setattr(recipes, "FAR_DOMAIN_MAX_AGREEMENT", far_threshold)
-    run = visiontune.train(tiny_data, out=str(tmp_path / "r"), **{**tiny_settings, "quiet": False})
+    settings = {k: v for k, v in tiny_settings.items() if k != "epochs"}  # the recipe's own epochs
+    run = visiontune.train(tiny_data, out=str(tmp_path / "r"), **{**settings, "quiet": False})
     record = json.loads((run.path / "config.json").read_text())
     recipe = FAR_DOMAIN_RECIPE if far else BN_RECIPES[policy]
-    assert recipe["lr"] != BN_RECIPES["frozen"]["lr"] or not far
+    assert (recipe["lr"], recipe["epochs"]) != (BN_RECIPES["frozen"]["lr"], BN_RECIPES["frozen"]["epochs"]) or not far
     assert (record["bn_decision"]["bn"], record["bn_decision"]["far"]) == (policy, far)
     assert record["bn_decision"]["images"] == 17 and 0 <= record["bn_decision"]["agreement"] <= 1
-    assert {k: record["config"][k] for k in ("bn", "optimizer", "lr")} == {"bn": policy, **recipe}
+    assert {k: record["config"][k] for k in ("bn", "optimizer", "lr", "epochs")} == {"bn": policy, **recipe}
     assert run.config.bn == policy and run.config.lr == recipe["lr"]
+    assert [row["epoch"] for row in run.metrics] == list(range(recipe["epochs"] + 1))  # the probe, then the recipe's
     said = capsys.readouterr().out
-    assert f"--bn auto: {policy} ({recipe['optimizer']} lr {recipe['lr']:g})" in said
-    assert ("a domain far from the backbone's" in said) == far
+    assert f"--bn auto: {policy} ({recipe['optimizer']} lr {recipe['lr']:g}, {recipe['epochs']} epochs)" in said
+    assert ("a domain far from the backbone's, a larger step over more epochs" in said) == far
+    assert "epoch 0 probe" in said and f"epoch 1/{recipe['epochs']} full" in said
     original, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
     trained = run.model.state_dict()
     kept = [torch.equal(v, trained[k]) for k, v in original.state_dict().items() if "running_mean" in k]
@@ -297,9 +300,46 @@ def test_bn_auto_keeps_the_users_optimizer_and_lr(tiny_data, tiny_settings, tmp_
     assert (run.config.bn, run.config.optimizer, run.config.lr) == ("train", "sgd", 0.05)
     run = visiontune.train(tiny_data, out=str(tmp_path / "s"), optimizer="adamw", **tiny_settings)
     assert (run.config.bn, run.config.optimizer, run.config.lr) == ("train", "adamw", 0.003)
+    # --epochs too, on a far domain whose recipe brings more of them.
+    monkeypatch.setattr(recipes, "BN_TRAIN_MIN_AGREEMENT", 1.01)
+    monkeypatch.setattr(recipes, "FAR_DOMAIN_MAX_AGREEMENT", 1.01)
+    run = visiontune.train(tiny_data, out=str(tmp_path / "t"), **tiny_settings)
+    assert (run.config.bn, run.config.lr, run.config.epochs, len(run.metrics)) == ("frozen", 3e-4, 2, 3)
     # Resolving never guesses: an explicit policy brings its recipe at once, auto leaves it open.
     assert (TrainConfig(data="d", bn="frozen").resolved().optimizer, TrainConfig(data="d").resolved().lr) == ("adamw", None)
+    assert (TrainConfig(data="d", bn="frozen").resolved().epochs, TrainConfig(data="d").resolved().epochs) == (3, None)
     assert TrainConfig(data="d", mode="fixed", bn="auto").resolved().bn == "frozen"
+
+
+@pytest.mark.parametrize("epochs", [None, 4])
+def test_a_run_stopped_before_bn_auto_chose_its_recipe_resumes_and_chooses_it(tiny_data, tiny_settings, tmp_path,
+                                                                                monkeypatch, epochs):
+    """Stopped after the probe, before --bn auto chose the recipe: config.json has no epochs yet. The
+    resumed run chooses them (a far domain's), or takes --epochs N as a new run would."""
+    import json
+
+    from visiontune import recipes, training
+    from visiontune.config import FAR_DOMAIN_RECIPE
+
+    from .conftest import StopInEpoch
+
+    monkeypatch.setattr(recipes, "BN_TRAIN_MIN_AGREEMENT", 1.01)
+    monkeypatch.setattr(recipes, "FAR_DOMAIN_MAX_AGREEMENT", 1.01)
+    settings = {k: v for k, v in tiny_settings.items() if k != "epochs"}
+
+    def stop(*args):
+        raise StopInEpoch
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_choose_bn", stop)
+        with pytest.raises(StopInEpoch):
+            visiontune.train(tiny_data, out=str(tmp_path / "r"), **settings)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["epochs"] is None
+    run = visiontune.resume(tmp_path / "r", epochs=epochs)
+    expected = epochs or FAR_DOMAIN_RECIPE["epochs"]
+    assert (run.config.epochs, run.config.lr) == (expected, FAR_DOMAIN_RECIPE["lr"])
+    assert [row["epoch"] for row in run.metrics] == list(range(expected + 1))
+    assert json.loads((run.path / "config.json").read_text())["config"]["epochs"] == expected
 
 
 def test_weight_average_follows_the_update_rule_with_a_decay_from_steps_per_epoch():

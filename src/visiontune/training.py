@@ -90,7 +90,11 @@ def resume(run_dir: str | Path, quiet: bool = False, epochs: int | None = None, 
         settings = {**settings, "ema_epochs": 0.0}
     cfg = TrainConfig(**{**settings, **where, "out": str(folder.path), "quiet": quiet or settings.get("quiet", False)})
     state = folder.load_last()
-    if epochs is not None and epochs != cfg.epochs:
+    if epochs is not None and cfg.epochs is None:
+        # Stopped before --bn auto chose the fine-tuning recipe, which brings its epochs: N is the run's,
+        # as it would have been given to a new run.
+        cfg = replace(cfg, epochs=epochs)
+    elif epochs is not None and epochs != cfg.epochs:
         _extend(folder, record, cfg, state, epochs)
         cfg = replace(cfg, epochs=epochs)
     elif state.get("finished"):
@@ -205,6 +209,8 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None, callbacks: 
                 release_freed_memory()
             if name == "full" and s.cfg.bn == "auto":
                 _choose_bn(s, folder)
+            if name == "full":
+                epochs = s.cfg.epochs  # --bn auto's recipe may have brought them
             if name == "full" and s.cfg.mode == "auto":
                 if "full_epochs" not in loop.plan:
                     loop.plan = _plan_auto(s, folder, loop)
@@ -363,8 +369,10 @@ def _choose_bn(s: Setup, folder: RunFolder) -> None:
                f"images under their own batch statistics ({'at least' if decision['bn'] == 'train' else 'below'} "
                f"{decision['threshold']:.0%})")
         if decision.get("far"):
-            why += f"; under {decision['far_threshold']:.0%}: a domain far from the backbone's, a larger step"
-    decision["why"] = f"--bn auto: {decision['bn']} ({s.cfg.optimizer} lr {s.cfg.lr:g}): {why}"
+            why += (f"; under {decision['far_threshold']:.0%}: a domain far from the backbone's, a larger step"
+                    f"{' over more epochs' if cfg.epochs is None else ''}")
+    decision["why"] = (f"--bn auto: {decision['bn']} ({s.cfg.optimizer} lr {s.cfg.lr:g}, {s.cfg.epochs} epochs): "
+                       f"{why}")
     _say(s, decision["why"])
     if rt.is_main:
         record = folder.read_config()
@@ -497,7 +505,10 @@ def _stage_specs(cfg: TrainConfig) -> list[tuple[str, int]]:
     return [("head", cfg.head_epochs), ("full", cfg.epochs)]  # staged; auto decides the second count
 
 
-def _total_epochs(cfg: TrainConfig, plan: dict) -> int:
+def _total_epochs(cfg: TrainConfig, plan: dict) -> int | None:
+    """None until --bn auto has chosen the fine-tuning recipe, which brings its epochs."""
+    if cfg.epochs is None:
+        return None
     if cfg.mode == "auto":
         return cfg.head_epochs + plan.get("full_epochs", cfg.epochs)
     return sum(epochs for _, epochs in _stage_specs(cfg))
@@ -694,8 +705,8 @@ class _StopOnSigint:
         return False
 
 
-def _epoch_line(row: dict, total: int) -> str:
-    return (f"epoch {row['epoch']}/{total} {row['stage']:5} train loss {row['train_loss']:.4f} acc "
+def _epoch_line(row: dict, total: int | None) -> str:
+    return (f"epoch {row['epoch']}{'' if total is None else f'/{total}'} {row['stage']:5} train loss {row['train_loss']:.4f} acc "
             f"{row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
             f"lr {row['lr']:.2e}  {row['seconds']:.1f}s")
 
