@@ -706,7 +706,8 @@ class _StopOnSigint:
 
 
 def _epoch_line(row: dict, total: int | None) -> str:
-    return (f"epoch {row['epoch']}{'' if total is None else f'/{total}'} {row['stage']:5} train loss {row['train_loss']:.4f} acc "
+    of_total = "" if total is None else f"/{total}"
+    return (f"epoch {row['epoch']}{of_total} {row['stage']:5} train loss {row['train_loss']:.4f} acc "
             f"{row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
             f"lr {row['lr']:.2e}  {row['seconds']:.1f}s")
 
