@@ -10,7 +10,7 @@ import torch
 import visiontune
 from visiontune.evaluation import evaluate_run
 
-from .conftest import StopInEpoch, read_metrics, stop_in_epoch
+from .conftest import StopInEpoch, assert_same_run, stop_in_epoch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -35,9 +35,7 @@ def test_deterministic_gpu_runs_repeat_exactly(tiny_data, tiny_settings, tmp_pat
     settings = {**tiny_settings, "epochs": 3, "device": "cuda", "precision": "fp32", "deterministic": True}
     a = visiontune.train(tiny_data, out=str(tmp_path / "a"), **settings)
     b = visiontune.train(tiny_data, out=str(tmp_path / "b"), **settings)
-    assert read_metrics(a.path, timing=False) == read_metrics(b.path, timing=False)
-    for k, v in a.model.state_dict().items():
-        assert torch.equal(v, b.model.state_dict()[k]), k
+    assert_same_run(a, b)
 
 
 def test_fixed_mode_features_on_the_gpu_match_the_cpu(tiny_data, tiny_settings, tmp_path):
@@ -62,10 +60,7 @@ def test_fp16_resume_equals_the_uninterrupted_run(tiny_data, tiny_settings, tmp_
             visiontune.train(tiny_data, out=str(tmp_path / "split"), **settings)
     saved = checkpoint.load_training_state(tmp_path / "split" / "last.ckpt")
     assert saved["epoch"] == 2 and saved["scaler"] is not None and saved["scaler"]["scale"] > 0
-    resumed = visiontune.resume(tmp_path / "split")
-    assert read_metrics(whole.path, timing=False) == read_metrics(resumed.path, timing=False)
-    for k, v in whole.model.state_dict().items():
-        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert_same_run(whole, visiontune.resume(tmp_path / "split"))
 
 
 # Last: compiling is the slowest test, and the device call has a time limit.

@@ -17,7 +17,7 @@ from visiontune.config import parse_duration
 from visiontune.recipes import MixBatch
 from visiontune.runtime import Runtime
 
-from .conftest import read_metrics, without_timing
+from .conftest import assert_same_run, read_metrics, without_timing
 
 
 @pytest.mark.parametrize("mixup, cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
@@ -131,10 +131,7 @@ def test_staged_resume_across_the_stage_boundary_is_exact(tiny_data, tiny_settin
         _stop_before_full_stage(patch)
         with pytest.raises(StopAfterHead):
             visiontune.train(tiny_data, out=str(tmp_path / "split"), **settings)
-    resumed = visiontune.resume(tmp_path / "split")
-    assert without_timing(read_metrics(whole.path)) == without_timing(read_metrics(resumed.path))
-    for k, v in whole.model.state_dict().items():
-        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert_same_run(whole, visiontune.resume(tmp_path / "split"))
 
 
 def test_auto_plans_fine_tuning_epochs_from_measured_times(tiny_data, tiny_settings, tmp_path, monkeypatch):
