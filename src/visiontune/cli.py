@@ -344,6 +344,11 @@ def _print_error(exc: VisiontuneError) -> None:
     rank, _, world = env_world()
     if world > 1 and rank > 0:
         if isinstance(exc, (UsageError, DataError)) or getattr(exc, "same_on_every_rank", False):  # said by rank 0
+            # torchrun ends every rank once one exits with an error: exiting at once here could end rank 0
+            # before it has said the error (seen in about 1 run in 3 of the torchrun bad-input test).
+            import time
+
+            time.sleep(2.0)
             return
         print(f"visiontune: error (rank {rank}): {exc}", file=sys.stderr)
         return
