@@ -80,6 +80,21 @@ def train_stopped_in_epoch(monkeypatch, stop_at: int, data: Path, out: Path, set
             visiontune.train(data, out=str(out), **settings)
 
 
+def train_stopped_at(monkeypatch, step: str, data: Path, out: Path, settings: dict) -> None:
+    """A run stopped when it reaches training.`step` (e.g. "_choose_bn", "_plan_auto", "full_stage"):
+    its folder holds what was saved before that point."""
+    import visiontune
+    from visiontune import training
+
+    def stop(*args, **kwargs):
+        raise StopInEpoch
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, step, stop)
+        with pytest.raises(StopInEpoch):
+            visiontune.train(data, out=str(out), **settings)
+
+
 def assert_same_run(expected, actual) -> None:
     """Two finished runs are the same run: metrics.csv without its timing column, and every weight."""
     assert read_metrics(expected.path, timing=False) == read_metrics(actual.path, timing=False)

@@ -318,22 +318,15 @@ def test_a_run_stopped_before_bn_auto_chose_its_recipe_resumes_and_chooses_it(ti
     resumed run chooses them (a far domain's), or takes --epochs N as a new run would."""
     import json
 
-    from visiontune import recipes, training
+    from visiontune import recipes
     from visiontune.config import FAR_DOMAIN_RECIPE
 
-    from .conftest import StopInEpoch
+    from .conftest import train_stopped_at
 
     monkeypatch.setattr(recipes, "BN_TRAIN_MIN_AGREEMENT", 1.01)
     monkeypatch.setattr(recipes, "FAR_DOMAIN_MAX_AGREEMENT", 1.01)
     settings = {k: v for k, v in tiny_settings.items() if k != "epochs"}
-
-    def stop(*args):
-        raise StopInEpoch
-
-    with monkeypatch.context() as patch:
-        patch.setattr(training, "_choose_bn", stop)
-        with pytest.raises(StopInEpoch):
-            visiontune.train(tiny_data, out=str(tmp_path / "r"), **settings)
+    train_stopped_at(monkeypatch, "_choose_bn", tiny_data, tmp_path / "r", settings)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["epochs"] is None
     run = visiontune.resume(tmp_path / "r", epochs=epochs)
     expected = epochs or FAR_DOMAIN_RECIPE["epochs"]

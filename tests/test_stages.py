@@ -17,7 +17,7 @@ from visiontune.config import parse_duration
 from visiontune.recipes import MixBatch
 from visiontune.runtime import Runtime
 
-from .conftest import assert_same_run, read_metrics, without_timing
+from .conftest import assert_same_run, read_metrics, train_stopped_at, without_timing
 
 
 @pytest.mark.parametrize("mixup, cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
@@ -87,21 +87,9 @@ def test_budget_needs_auto_mode():
         TrainConfig(data="d", mode="auto", budget="later").resolved()
 
 
-class StopAfterHead(Exception):
-    pass
-
-
-def _stop_before_full_stage(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise StopAfterHead
-    monkeypatch.setattr(training, "full_stage", refuse)
-
-
 def test_staged_head_epochs_leave_the_backbone_untouched(tiny_data, tiny_settings, tmp_path, monkeypatch):
     settings = {**tiny_settings, "mode": "staged", "head_epochs": 2, "epochs": 1}
-    _stop_before_full_stage(monkeypatch)
-    with pytest.raises(StopAfterHead):
-        visiontune.train(tiny_data, out=str(tmp_path / "run"), **settings)
+    train_stopped_at(monkeypatch, "full_stage", tiny_data, tmp_path / "run", settings)
     state = checkpoint.load_training_state(tmp_path / "run" / "last.ckpt")
     assert state["epoch"] == 2 and state["stage"] == "head"
     pretrained, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
@@ -127,10 +115,7 @@ def test_staged_runs_head_then_every_layer_at_its_own_lr(tiny_data, tiny_setting
 def test_staged_resume_across_the_stage_boundary_is_exact(tiny_data, tiny_settings, tmp_path, monkeypatch):
     settings = {**tiny_settings, "mode": "staged", "head_epochs": 2, "epochs": 2}
     whole = visiontune.train(tiny_data, out=str(tmp_path / "whole"), **settings)
-    with monkeypatch.context() as patch:
-        _stop_before_full_stage(patch)
-        with pytest.raises(StopAfterHead):
-            visiontune.train(tiny_data, out=str(tmp_path / "split"), **settings)
+    train_stopped_at(monkeypatch, "full_stage", tiny_data, tmp_path / "split", settings)
     assert_same_run(whole, visiontune.resume(tmp_path / "split"))
 
 
@@ -186,13 +171,7 @@ def test_auto_budget_counts_the_time_spent_before_a_resume(tiny_data, tiny_setti
     monkeypatch.setattr(training, "_time_fine_tune_step", lambda s: (0.05, 0.02, 0.01))
     settings = {**tiny_settings, "mode": "auto", "epochs": 3, "eval_batch_size": 4, "head_epochs": 2,
                 "budget": "1h"}
-    def stop_before_planning(*args):
-        raise StopAfterHead
-
-    with monkeypatch.context() as patch:
-        patch.setattr(training, "_plan_auto", stop_before_planning)
-        with pytest.raises(StopAfterHead):
-            visiontune.train(tiny_data, out=str(tmp_path / "run"), **settings)
+    train_stopped_at(monkeypatch, "_plan_auto", tiny_data, tmp_path / "run", settings)
     last = tmp_path / "run" / "last.ckpt"
     state = checkpoint.load_training_state(last)
     assert 0 < state["seconds"] < 600 and "full_epochs" not in state["plan"]
