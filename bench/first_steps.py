@@ -8,7 +8,10 @@ accuracy after the steps. docs/recipes.md has its table for eurosat10.
 usage: python bench/first_steps.py DATA VARIANT [VARIANT ...]
   VARIANT: comma-separated key=value, keys: bn (train|frozen), lr, opt (sgd|adamw), steps, warm,
            size (train crop), aug, decay (layer-wise lr decay), wd, headx (the classifier's lr as a
-           multiple of lr), scale (the random resized crop's smallest area, default 0.25), eps (AdamW's);
+           multiple of lr), scale (the random resized crop's smallest area, default 0.25), eps (AdamW's),
+           fold=1 (each BatchNorm multiplied into its conv in place and its statistics set to identity
+           before the steps: the same function, but Adam's steps are then relative to the folded
+           weights); opt=lamb is timm's Lamb (layer-wise trust ratio) on the same groups;
            e.g. bn=frozen,lr=1e-4,opt=adamw,steps=50
   SIZE=N in the environment sets the eval size (and so the probe's features); SEED=N the run's seed.
 """
@@ -42,9 +45,12 @@ def main() -> int:
     for variant in variants:
         kv = dict(item.split("=") for item in variant.split(","))
         s.model.load_state_dict(probe_state)
+        if kv.get("fold") == "1":
+            fold_into_convs(s.model)
         s.generator.set_state(generator_state)
         torch.set_rng_state(torch_state)
-        c = replace(s.cfg, bn=kv.get("bn", "train"), lr=float(kv.get("lr", 0.003)), optimizer=kv.get("opt", "sgd"),
+        c = replace(s.cfg, bn=kv.get("bn", "train"), lr=float(kv.get("lr", 0.003)),
+                    optimizer="adamw" if kv.get("opt") == "lamb" else kv.get("opt", "sgd"),
                     warmup_epochs=float(kv.get("warm", 0)), schedule="constant",
                     train_size=int(kv.get("size", s.cfg.train_size)), augment=kv.get("aug", "light"),
                     lr_decay=float(kv["decay"]) if "decay" in kv else None, weight_decay=float(kv.get("wd", 1e-4)),
@@ -54,6 +60,10 @@ def main() -> int:
         if "eps" in kv:  # AdamW's epsilon: the same groups, a new optimizer, constant lr without a scheduler
             stage = replace(stage, optimizer=torch.optim.AdamW(stage.optimizer.param_groups, lr=c.lr,
                                                                eps=float(kv["eps"])))
+            scheduler = None
+        if kv.get("opt") == "lamb":  # timm's Lamb: each tensor's step scaled to its norm (trust ratio)
+            from timm.optim import Lamb
+            stage = replace(stage, optimizer=Lamb(stage.optimizer.param_groups, lr=c.lr))
             scheduler = None
         batches = iter(stage.train_batches)
         taken = [next(batches) for _ in range(int(kv.get("steps", 20)))]
@@ -66,6 +76,24 @@ def main() -> int:
         print(f"{variant}: step losses {losses[:5]} ... {losses[-5:]}; train acc {trained.accuracy:.3f}; "
               f"val acc {val.accuracy:.4f} loss {val.loss:.3f}; {time.time() - start:.0f}s", flush=True)
     return 0
+
+
+@torch.no_grad()
+def fold_into_convs(model: torch.nn.Module) -> None:
+    """Each BatchNorm's affine map multiplied into the conv registered just before it, and the BatchNorm
+    left as the identity (mean 0, variance 1 - eps, scale 1) plus the folded shift as its bias."""
+    conv = None
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            conv = module
+        elif isinstance(module, torch.nn.BatchNorm2d) and conv is not None and conv.out_channels == module.num_features:
+            scale = module.weight / torch.sqrt(module.running_var + module.eps)
+            conv.weight.mul_(scale.view(-1, 1, 1, 1))
+            module.bias.sub_(module.running_mean * scale)
+            module.weight.fill_(1.0)
+            module.running_mean.zero_()
+            module.running_var.fill_(1.0 - module.eps)
+            conv = None
 
 
 if __name__ == "__main__":
