@@ -201,3 +201,15 @@ def test_the_head_stage_of_staged_and_auto_is_fixed_mode(tiny_data, tiny_setting
     assert len(head_rows) == 25
     assert [r["val_acc"] for r in head_rows] == [r["val_acc"] for r in read_metrics(fixed.path)]
     assert staged.best_val_acc >= fixed.best_val_acc
+
+
+def test_staged_head_lines_count_their_stage_until_the_recipe_brings_the_total(tiny_data, tiny_settings, tmp_path,
+                                                                               capsys):
+    # --bn auto decides the fine-tuning epochs after the head stage: until then no total can be printed.
+    settings = {k: v for k, v in tiny_settings.items() if k != "epochs"}
+    run = visiontune.train(tiny_data, out=str(tmp_path / "r"), mode="staged", head_epochs=2,
+                           **{**settings, "quiet": False})
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    total = 2 + run.config.epochs
+    assert [line.split(" train loss")[0] for line in lines] == (
+        ["epoch 1 head (1/2)", "epoch 2 head (2/2)"] + [f"epoch {n}/{total} full " for n in range(3, total + 1)])

@@ -447,7 +447,7 @@ def _record(s: Setup, folder: RunFolder, loop: LoopState, row: dict, val: EvalOu
     loop.metrics.append(row)
     if s.rt.is_main:
         folder.append_metrics(row)
-    _say(s, _epoch_line(row, _total_epochs(s.cfg, loop.plan)))
+    _say(s, _epoch_line(row, _total_epochs(s.cfg, loop.plan), s.cfg.head_epochs if row["stage"] == "head" else None))
     if is_better(row["val_acc"], row["val_loss"], loop.best[1:] if loop.best else None):
         loop.best = (row["epoch"], row["val_acc"], row["val_loss"])
         kept = weights if weights is not None else s.model
@@ -705,9 +705,13 @@ class _StopOnSigint:
         return False
 
 
-def _epoch_line(row: dict, total: int | None) -> str:
-    of_total = "" if total is None else f"/{total}"
-    return (f"epoch {row['epoch']}{of_total} {row['stage']:5} train loss {row['train_loss']:.4f} acc "
+def _epoch_line(row: dict, total: int | None, stage_epochs: int | None = None) -> str:
+    """Until the total is known (--bn auto decides the fine-tuning epochs after the head stage), a head
+    row says how far into its own stage it is: "epoch 3 head (3/25)"."""
+    of_total = f"/{total}" if total is not None else ""
+    of_stage = f" ({row['epoch']}/{stage_epochs})" if total is None and stage_epochs else ""
+    stage = row["stage"] + of_stage
+    return (f"epoch {row['epoch']}{of_total} {stage:5} train loss {row['train_loss']:.4f} acc "
             f"{row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}  "
             f"lr {row['lr']:.2e}  {row['seconds']:.1f}s")
 
