@@ -11,7 +11,8 @@ usage: python bench/first_steps.py DATA VARIANT [VARIANT ...]
            multiple of lr), scale (the random resized crop's smallest area, default 0.25), eps (AdamW's),
            fold=1 (each BatchNorm multiplied into its conv in place and its statistics set to identity
            before the steps: the same function, but Adam's steps are then relative to the folded
-           weights); opt=lamb is timm's Lamb (layer-wise trust ratio) on the same groups;
+           weights); opt=lamb is timm's Lamb (layer-wise trust ratio) on the same groups; sp=L pulls
+           every weight back towards the probe's by lr * L of the distance after each step (L2-SP);
            e.g. bn=frozen,lr=1e-4,opt=adamw,steps=50
   SIZE=N in the environment sets the eval size (and so the probe's features); SEED=N the run's seed.
 """
@@ -69,13 +70,26 @@ def main() -> int:
         taken = [next(batches) for _ in range(int(kv.get("steps", 20)))]
         losses: list[float] = []
         start = time.time()
+        pull = pull_towards(s.model, probe_state, c.lr * float(kv["sp"])) if "sp" in kv else None
         trained = train_one_epoch(stage.trainable, taken, stage.optimizer, prepare=stage.prepare,
-                                  scheduler=scheduler, frozen=stage.frozen,
+                                  scheduler=scheduler, frozen=stage.frozen, after_step=pull,
                                   on_step=lambda loss: losses.append(round(float(loss), 3)))
         val = evaluate(s.model, image_val_batches(s), prepare=s.prepare)
         print(f"{variant}: step losses {losses[:5]} ... {losses[-5:]}; train acc {trained.accuracy:.3f}; "
               f"val acc {val.accuracy:.4f} loss {val.loss:.3f}; {time.time() - start:.0f}s", flush=True)
     return 0
+
+
+def pull_towards(model: torch.nn.Module, state: dict, rate: float):
+    """L2-SP as a decoupled decay: after each step every weight moves `rate` of the way back to its
+    value in `state` (the probe's), instead of towards zero."""
+    pairs = [(p, state[name]) for name, p in model.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def step() -> None:
+        for parameter, start in pairs:
+            parameter.lerp_(start, rate)
+    return step
 
 
 @torch.no_grad()
@@ -86,7 +100,8 @@ def fold_into_convs(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
             conv = module
-        elif isinstance(module, torch.nn.BatchNorm2d) and conv is not None and conv.out_channels == module.num_features:
+        elif (isinstance(module, torch.nn.BatchNorm2d) and conv is not None
+              and conv.out_channels == module.num_features):
             scale = module.weight / torch.sqrt(module.running_var + module.eps)
             conv.weight.mul_(scale.view(-1, 1, 1, 1))
             module.bias.sub_(module.running_mean * scale)
