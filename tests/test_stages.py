@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -153,6 +154,23 @@ def test_auto_step_timing_leaves_the_run_untouched(tiny_data, tiny_settings):
     assert torch.equal(rng, torch.get_rng_state()) and torch.equal(sampler, s.generator.get_state())
     for k, v in s.model.state_dict().items():
         assert torch.equal(before[k], v), k
+
+
+def test_auto_step_timing_is_not_set_by_one_slow_step(tiny_data, tiny_settings, monkeypatch):
+    # A step slowed by another process (here: by a second) must not become the epoch estimate.
+    cfg = TrainConfig(data=str(tiny_data), mode="auto", bn="frozen", **tiny_settings).resolved()
+    s = pipeline.build_setup(cfg, Runtime())
+    calls, real = [], training.train_one_epoch
+
+    def one_slow_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_one_epoch", one_slow_step)
+    step_s, _, _ = training._time_fine_tune_step(s)
+    assert len(calls) == 4 and step_s < 0.25
 
 
 def test_deterministic_flag_on_cpu_changes_nothing(tiny_data, tiny_settings, tmp_path):
