@@ -30,6 +30,7 @@ import torch
 from visiontune import runtime
 from visiontune.config import TrainConfig
 from visiontune.engine import evaluate, train_one_epoch
+from visiontune.folding import batchnorm_affine
 from visiontune.pipeline import build_setup, full_stage, image_val_batches
 from visiontune.training import probe_row
 
@@ -102,9 +103,9 @@ def fold_into_convs(model: torch.nn.Module) -> None:
             conv = module
         elif (isinstance(module, torch.nn.BatchNorm2d) and conv is not None
               and conv.out_channels == module.num_features):
-            scale = module.weight / torch.sqrt(module.running_var + module.eps)
+            scale, shift = batchnorm_affine(module)
             conv.weight.mul_(scale.view(-1, 1, 1, 1))
-            module.bias.sub_(module.running_mean * scale)
+            module.bias.copy_(shift)
             module.weight.fill_(1.0)
             module.running_mean.zero_()
             module.running_var.fill_(1.0 - module.eps)

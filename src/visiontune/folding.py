@@ -31,10 +31,7 @@ def fold_batchnorm(model: nn.Module, size: int = 64) -> nn.Module:
                     and bn.num_features == conv.out_channels and bn.running_var is not None):
                 continue
             with torch.no_grad():
-                scale = bn.running_var.add(bn.eps).rsqrt()
-                if bn.weight is not None:
-                    scale = scale * bn.weight
-                shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0)
+                scale, shift = batchnorm_affine(bn)
                 if conv.bias is not None:
                     shift = shift + conv.bias * scale
                 conv.weight = nn.Parameter(conv.weight * scale.view(-1, 1, 1, 1), requires_grad=False)
@@ -49,6 +46,14 @@ def fold_batchnorm(model: nn.Module, size: int = 64) -> nn.Module:
     if not torch.allclose(reference, candidate, rtol=1e-3, atol=1e-4 * float(reference.abs().max()) + 1e-6):
         return model
     return fused
+
+
+def batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel (scale, shift) that an eval-mode BatchNorm applies: y = x * scale + shift."""
+    scale = bn.running_var.add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    return scale, -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0)
 
 
 def pooled_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
