@@ -80,6 +80,11 @@ VISIONTUNE_ROWS = {
     "ld07": ["--lr-decay", "0.7"],
     # A milder decay (not taken either: one seed each, the same trade).
     "far-ld085": ["--epochs", "5", "--lr-decay", "0.85"],
+    # Candidate (2026-12-06, tenth pass): after each fine-tuning epoch the evaluated weights' head is fitted again
+    # on their own features (the probe's recipe); val, best and the saved model use it.
+    "refit": ["--refit-head"],
+    # The same run without it: the eighth pass's default, step for step (training is the same either way).
+    "no-refit": ["--no-refit-head"],
 }
 # Earlier defaults that no flags reproduce any more: rows of recorded results only.
 HISTORY_ROWS = {

@@ -36,7 +36,8 @@ def test_train_prints_epoch_lines_and_run_folder(tiny_data, tiny_settings, tmp_p
     assert lines[1].startswith("--bn auto: ")  # the BatchNorm policy measured after the probe, in one line
     # The weight average's decay, derived from this data's 4 steps an epoch (at least 8 steps: 1 - 1/8).
     assert lines[2].startswith("--ema-epochs 0.25: ") and "EMA decay 0.8750 per step" in lines[2]
-    assert lines[3].startswith("epoch 1/2 full") and "val loss" in lines[3] and "lr" in lines[3]
+    assert lines[3].startswith("--refit-head: ")  # what val and the saved model use, said once
+    assert lines[4].startswith("epoch 1/2 full") and "val loss" in lines[4] and "lr" in lines[4]
     assert lines[-1].startswith("best epoch") and str(out_dir) in lines[-1]
     assert (out_dir / "best.safetensors").is_file()
 

@@ -68,7 +68,7 @@ def test_every_train_flag_comes_from_train_config():
             assert docs.get(f.name), f"{f.name} has no docstring, so its flag would have no help"
     assert flags - {"--" + f.name.replace("_", "-") for f in fields(TrainConfig)} == {
         "-h", "--help", "--config", "--resume", "--no-channels-last", "--no-compile", "--no-deterministic",
-        "--no-feature-cache", "--no-strict", "--no-quiet"}
+        "--no-feature-cache", "--no-strict", "--no-quiet", "--no-refit-head"}
 
 
 def test_resume_extends_a_finished_run_with_a_replanned_schedule(tiny_data, tiny_settings, tmp_path, capsys):

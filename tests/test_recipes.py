@@ -386,7 +386,7 @@ def test_val_and_the_saved_model_are_the_average(tiny_data, tiny_settings, tmp_p
     from visiontune.runfolder import RunFolder
     from visiontune import runtime
 
-    settings = {**tiny_settings, "epochs": 1, "head_init": "random", "bn": "frozen", "lr": 0.01}
+    settings = {**tiny_settings, "epochs": 1, "head_init": "random", "bn": "frozen", "lr": 0.01, "refit_head": False}
     run = visiontune.train(tiny_data, out=str(tmp_path / "r"), ema_epochs=ema_epochs, **settings)
     assert run.best_epoch == 1  # the only epoch: no probe
     last = checkpoint.load_training_state(run.path / "last.ckpt")
@@ -401,6 +401,39 @@ def test_val_and_the_saved_model_are_the_average(tiny_data, tiny_settings, tmp_p
     s = build_setup(TrainConfig(data=str(tiny_data), **settings).resolved(), runtime.start("cpu", "fp32", False))
     s.model.load_state_dict(best)
     assert evaluate(s.model, image_val_batches(s), s.prepare).accuracy == pytest.approx(run.metrics[-1]["val_acc"])
+
+
+def test_refit_head_is_what_val_and_the_saved_model_use_and_training_keeps_its_own(tiny_data, tiny_settings,
+                                                                                    tmp_path):
+    """--refit-head: the saved model is the average's backbone with a head fitted again on its features,
+    the logged val numbers are that model's, and training (weights, average, batch order) is the run
+    without it, step for step."""
+    from visiontune import checkpoint, runtime
+    from visiontune.engine import evaluate
+    from visiontune.pipeline import build_setup, image_val_batches
+    from visiontune.runfolder import RunFolder
+
+    settings = {**tiny_settings, "epochs": 1, "head_init": "random", "bn": "frozen", "lr": 0.01, "ema_epochs": 0.5}
+    refit = visiontune.train(tiny_data, out=str(tmp_path / "refit"), refit_head=True, **settings)
+    plain = visiontune.train(tiny_data, out=str(tmp_path / "plain"), refit_head=False, **settings)
+    assert refit.best_epoch == plain.best_epoch == 1  # the only epoch: no probe
+    last_refit = checkpoint.load_training_state(refit.path / "last.ckpt")
+    last_plain = checkpoint.load_training_state(plain.path / "last.ckpt")
+    for part in ("model", "ema"):
+        assert all(torch.equal(last_refit[part][k], last_plain[part][k]) for k in last_plain[part])
+    best, average = RunFolder(refit.path).load_best_weights(), last_refit["ema"]
+    head = {"classifier.weight", "classifier.bias"}
+    assert all(torch.equal(best[k], average[k]) for k in best if k not in head)
+    assert not torch.equal(best["classifier.weight"], average["classifier.weight"])
+    s = build_setup(TrainConfig(data=str(tiny_data), **settings).resolved(), runtime.start("cpu", "fp32", False))
+    s.model.load_state_dict(best)
+    val = evaluate(s.model, image_val_batches(s), s.prepare)
+    assert (val.accuracy, val.loss) == pytest.approx((refit.metrics[-1]["val_acc"], refit.metrics[-1]["val_loss"]),
+                                                     rel=1e-4)
+    assert refit.metrics[-1]["val_loss"] != pytest.approx(plain.metrics[-1]["val_loss"], rel=1e-3)
+    assert TrainConfig(data="d").resolved().refit_head is True
+    assert TrainConfig(data="d", mode="staged").resolved().refit_head is True
+    assert TrainConfig(data="d", mode="fixed").resolved().refit_head is False
 
 
 def test_small_images_are_evaluated_at_the_training_crop_size(tiny_data, tiny_settings, tmp_path, capsys):

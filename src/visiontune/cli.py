@@ -29,7 +29,7 @@ def _config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("dat
         kind = str(f.type)
         default = "" if f.default in (MISSING, None) or kind == "bool" else f" (default {f.default})"
         options = {"help": (docs.get(f.name, "") + default).replace("%", "%%"), "default": argparse.SUPPRESS}
-        if kind == "bool":
+        if kind in ("bool", "bool | None"):
             options["action"] = argparse.BooleanOptionalAction
         else:
             options["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str

@@ -7,6 +7,7 @@ each rank of a torchrun job may write (only rank 0 touches the run folder).
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import sys
@@ -30,7 +31,7 @@ from .folding import fold_batchnorm
 from .memory import release_freed_memory
 from .preprocess import EvalTransform
 from .pipeline import (Setup, Stage, build_setup, choose_run_dir, class_weights_for, ensure_writable,
-                       full_stage, head_stage)
+                       full_stage, head_stage, refit_head)
 from .recipes import BN_CHECK_IMAGES, choose_bn_policy, fit_probe
 from .runfolder import RunFolder
 
@@ -89,6 +90,8 @@ def resume(run_dir: str | Path, quiet: bool = False, epochs: int | None = None, 
     settings = record["config"]
     if "ema_epochs" not in settings:  # a run started before weight averaging existed goes on without it
         settings = {**settings, "ema_epochs": 0.0}
+    if "refit_head" not in settings:  # ... and one started before --refit-head without that
+        settings = {**settings, "refit_head": False}
     cfg = TrainConfig(**{**settings, **where, "out": str(folder.path), "quiet": quiet or settings.get("quiet", False)})
     state = folder.load_last()
     if epochs is not None and cfg.epochs is None:
@@ -311,10 +314,12 @@ def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: 
             stage.ema.module.load_state_dict(resume_state["ema"])
     if stage.ema is not None and loop.epoch < offset + epochs:
         _say_weight_average(s, folder, stage)
+    if _refits(s, stage) and loop.epoch < offset + epochs:
+        _say(s, "--refit-head: val, the choice of best and the saved model use a head fitted again after each "
+                "epoch on the evaluated weights' own features of the training images (the probe's recipe)")
     class_weights = class_weights_for(s)
     for epoch in range(loop.epoch + 1, offset + epochs + 1):
-        _record(s, folder, loop, *_epoch_row(s, folder, loop, stage, epoch, offset, stop, class_weights),
-                weights=stage.ema.module if stage.ema is not None else None)
+        _record(s, folder, loop, *_epoch_row(s, folder, loop, stage, epoch, offset, stop, class_weights))
         loop.epoch = epoch
         early_stop = cfg.patience is not None and epoch - loop.best[0] >= cfg.patience
         if not stage.on_features or early_stop or epoch == offset + epochs \
@@ -390,9 +395,14 @@ def _say_weight_average(s: Setup, folder: RunFolder, stage: Stage) -> None:
                                                "steps": ema.steps, "decay": ema.decay}})
 
 
+def _refits(s: Setup, stage: Stage) -> bool:
+    return stage.name == "full" and bool(s.cfg.refit_head)
+
+
 def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch: int, offset: int, stop,
-               class_weights: torch.Tensor | None) -> tuple[dict, EvalOutput]:
-    """One epoch of `stage`: train, then evaluate; its metrics row and the val pass's outputs."""
+               class_weights: torch.Tensor | None) -> tuple[dict, EvalOutput, nn.Module | None]:
+    """One epoch of `stage`: train, then evaluate; its metrics row, the val pass's outputs, and the
+    weights evaluated when they are not the model's (the weight average, or a copy with a refitted head)."""
     cfg, rt = s.cfg, s.rt
     epoch_start = time.perf_counter()
     reduce = (lambda v: v) if stage.on_features else rt.all_reduce_sum
@@ -425,18 +435,25 @@ def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch
     rt.broadcast_buffers(s.model)
     if stage.ema is not None:  # averaged from each rank's own BatchNorm statistics: rank 0's for all
         rt.broadcast_buffers(stage.ema.module)
-    # In eval mode BatchNorm is a fixed affine map: a folded copy evaluates about 1.5x faster.
-    eval_model = stage.module if stage.on_features else fold_batchnorm(stage.evaluated, s.pre.size)
-    val_stats = evaluate(eval_model, s.progress(stage.val_batches, len(stage.val_batches), f"epoch {epoch} val"),
-                         stage.prepare, label_smoothing=cfg.label_smoothing, device=rt.device,
-                         autocast=rt.autocast, reduce=reduce, multi_label=s.multi_label,
-                         keep_outputs=not rt.distributed)  # a shard's outputs under torchrun: not kept
-    del eval_model
+    evaluated = stage.ema.module if stage.ema is not None else None
+    if _refits(s, stage):
+        s.exclude_unread()  # before the training images' features, so that their rows match the labels
+        # A copy: training goes on with its own head (and the average with its own).
+        evaluated = copy.deepcopy(stage.evaluated)
+        val_stats = refit_head(s, evaluated, epoch)
+    else:
+        # In eval mode BatchNorm is a fixed affine map: a folded copy evaluates about 1.5x faster.
+        eval_model = stage.module if stage.on_features else fold_batchnorm(stage.evaluated, s.pre.size)
+        val_stats = evaluate(eval_model, s.progress(stage.val_batches, len(stage.val_batches), f"epoch {epoch} val"),
+                             stage.prepare, label_smoothing=cfg.label_smoothing, device=rt.device,
+                             autocast=rt.autocast, reduce=reduce, multi_label=s.multi_label,
+                             keep_outputs=not rt.distributed)  # a shard's outputs under torchrun: not kept
+        del eval_model
     s.exclude_unread()  # images the loaders could not read this epoch: left out of the next ones
     return {"epoch": epoch, "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
             "val_loss": val_stats.loss, "val_acc": val_stats.accuracy,
             "lr": stage.lr_at_epoch_end(epoch - offset, cfg), "seconds": time.perf_counter() - epoch_start,
-            "stage": stage.name}, val_stats
+            "stage": stage.name}, val_stats, evaluated
 
 
 def _record(s: Setup, folder: RunFolder, loop: LoopState, row: dict, val: EvalOutput,
@@ -603,7 +620,9 @@ def _plan_auto(s: Setup, folder: RunFolder, loop: LoopState) -> dict:
     head_rows = [r for r in loop.metrics if r["stage"] == "head"]
     head_acc = max((r["val_acc"] for r in head_rows), default=0.0)
     steps_per_epoch = math.ceil(math.ceil(len(s.train_items) / rt.world_size) / cfg.batch_size / cfg.accumulate)
-    val_batches = math.ceil(math.ceil(len(s.val_items) / rt.world_size) / cfg.eval_batch_size)
+    # --refit-head evaluates by the features of the training images as well as the val images'.
+    evaluated_items = len(s.val_items) + (len(s.train_items) if cfg.refit_head else 0)
+    val_batches = math.ceil(math.ceil(evaluated_items / rt.world_size) / cfg.eval_batch_size)
     step_s, val_batch_s, fold_s = _time_fine_tune_step(s)
     epoch_s = 1.1 * (steps_per_epoch * cfg.accumulate * step_s + val_batches * val_batch_s + fold_s) + 0.5
     elapsed = loop.seconds  # over every process of the run: a resumed run keeps its budget
@@ -631,8 +650,6 @@ def _plan_auto(s: Setup, folder: RunFolder, loop: LoopState) -> dict:
 
 def _time_fine_tune_step(s: Setup) -> tuple[float, float, float]:
     """Seconds of one training step and one val batch of the full stage, and of folding BatchNorm."""
-    import copy
-
     cfg, rt = s.cfg, s.rt
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
         # The fine-tuning stage exactly as training builds it (freezing, optimizer groups), on a copy.
