@@ -279,13 +279,14 @@ def test_bn_auto_decision_reaches_config_and_training(tiny_data, tiny_settings, 
     assert (recipe["lr"], recipe["epochs"]) != (BN_RECIPES["frozen"]["lr"], BN_RECIPES["frozen"]["epochs"]) or not far
     assert (record["bn_decision"]["bn"], record["bn_decision"]["far"]) == (policy, far)
     assert record["bn_decision"]["images"] == 17 and 0 <= record["bn_decision"]["agreement"] <= 1
-    assert {k: record["config"][k] for k in ("bn", "optimizer", "lr", "epochs")} == {"bn": policy, **recipe}
+    assert {k: record["config"][k] for k in ("bn", "optimizer", "lr", "epochs", "refit_head")} == {"bn": policy, **recipe}
     assert run.config.bn == policy and run.config.lr == recipe["lr"]
     assert [row["epoch"] for row in run.metrics] == list(range(recipe["epochs"] + 1))  # the probe, then the recipe's
     said = capsys.readouterr().out
     assert f"--bn auto: {policy} ({recipe['optimizer']} lr {recipe['lr']:g}, {recipe['epochs']} epochs)" in said
     assert ("a domain far from the backbone's, a larger step over more epochs" in said) == far
     assert "epoch 0 probe" in said and f"epoch 1/{recipe['epochs']} full" in said
+    assert ("--refit-head: " in said) == (policy == "frozen")  # AdamW's recipes refit the head, SGD's does not
     original, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
     trained = run.model.state_dict()
     kept = [torch.equal(v, trained[k]) for k, v in original.state_dict().items() if "running_mean" in k]
@@ -431,8 +432,12 @@ def test_refit_head_is_what_val_and_the_saved_model_use_and_training_keeps_its_o
     assert (val.accuracy, val.loss) == pytest.approx((refit.metrics[-1]["val_acc"], refit.metrics[-1]["val_loss"]),
                                                      rel=1e-4)
     assert refit.metrics[-1]["val_loss"] != pytest.approx(plain.metrics[-1]["val_loss"], rel=1e-3)
-    assert TrainConfig(data="d").resolved().refit_head is True
-    assert TrainConfig(data="d", mode="staged").resolved().refit_head is True
+    # On with frozen statistics (AdamW), off with trained ones (SGD); --bn auto decides it with the policy.
+    assert TrainConfig(data="d").resolved().refit_head is None
+    assert TrainConfig(data="d").resolved().with_bn_policy("frozen", far=True).refit_head is True
+    assert TrainConfig(data="d", mode="staged").resolved().with_bn_policy("train").refit_head is False
+    assert TrainConfig(data="d", bn="frozen").resolved().refit_head is True
+    assert TrainConfig(data="d", bn="train", refit_head=True).resolved().refit_head is True  # given: kept
     assert TrainConfig(data="d", mode="fixed").resolved().refit_head is False
 
 
