@@ -97,6 +97,7 @@ HISTORY_ROWS = {
     "default-7th": "the default of the seventh pass (008531e to a1af914) on sign_digits and eurosat10: 3 epochs on "
                    "far domains too",
     "staged-bnauto": "--mode staged with the bnauto default's fine-tuning (f90a56a)",
+    "staged-8th": "--mode staged before --refit-head (e3f1e1b), on the sets whose statistics stay frozen",
     "auto-bnauto": "--mode auto --budget 4m with the bnauto default's fine-tuning (f90a56a)",
 }
 RUNNABLE = [*VISIONTUNE_ROWS, "tutorial", "fastai"]

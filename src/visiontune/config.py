@@ -48,8 +48,8 @@ FINE_TUNE = {"schedule": "cosine", "warmup_epochs": 0.0, "bn": "auto", "ema_epoc
 # eurosat10; the first epoch above the probe on 7 of those 9 runs (5 without), and within a point of it on
 # all but eurosat10 seed 0 (-1.5; -3.75 without).
 # With trained statistics (SGD 0.003: small steps from a fitted probe) it gained nothing on hymenoptera
-# (0.9564 vs 0.9586) and its extra forward pass over the training images cost 40% of an epoch there
-# (docs/recipes.md, tenth pass).
+# (0.9564 vs 0.9586), and its extra forward pass over the training images made an epoch there a third
+# longer (8.4 -> 11.4 s; bench/speed.py's per-epoch target failed: docs/recipes.md, tenth pass).
 FINE_TUNE_EPOCHS = 3
 BN_RECIPES = {"frozen": {"optimizer": "adamw", "lr": 1e-4, "epochs": FINE_TUNE_EPOCHS, "refit_head": True},
               "train": {"optimizer": "sgd", "lr": 0.003, "epochs": FINE_TUNE_EPOCHS, "refit_head": False}}

@@ -193,16 +193,19 @@ class Setup:
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return normalize_batch(images, self.pre, self.cfg.channels_last)
 
-    def features_of(self, items: list[tuple[Path, int]], views: int, model: nn.Module | None = None) -> torch.Tensor:
+    def features_of(self, items: list[tuple[Path, int]], views: int, model: nn.Module | None = None,
+                    desc: str | None = None) -> torch.Tensor:
         """Pooled backbone features [views, readable images, dim] of `items`: of the run's model through
-        the feature cache, or of `model` as it is now (fine-tuned weights: nothing to reuse, not cached)."""
+        the feature cache, or of `model` as it is now (fine-tuned weights: nothing to reuse, not cached).
+        `desc` names the pass on the progress bar (default: the view)."""
+        progress = self.progress if desc is None else (lambda it, total, _: self.progress(it, total, desc))
         cache = FeatureCache(self.cache_dir, {
             "arch": self.backbone.timm_name, "weights": self.weights_source, "pre": self.pre.to_json(),
             "channels_last": self.cfg.channels_last, "folded_bn": True, "precision": self.rt.precision})
         features, failed = extract_features(self.model if model is None else model, [p for p, _ in items],
                                             self.decode, self.pre, views, self.cfg.seed,
                                             cache if self.cfg.feature_cache and model is None else None,
-                                            self.cfg.eval_batch_size, self.cfg.channels_last, self.progress,
+                                            self.cfg.eval_batch_size, self.cfg.channels_last, progress,
                                             runtime=self.rt)
         # The rows are those of the images that could be read: the samples (and labels) lose the others.
         self.exclude(failed)
@@ -482,8 +485,9 @@ def refit_head(s: Setup, model: nn.Module, epoch: int) -> EvalOutput:
     run's batch order what it would be without it; every process fits the same head from the same features.
     """
     generator = torch.Generator().manual_seed(s.cfg.seed * 10_000 + epoch)
-    train_features = s.features_of(s.train_items, 1, model)  # first: it may leave unreadable images out
-    val_features = s.features_of(s.val_items, 1, model)[0]
+    # The training images first: their pass may leave unreadable images out.
+    train_features = s.features_of(s.train_items, 1, model, f"epoch {epoch} refit: train features")
+    val_features = s.features_of(s.val_items, 1, model, f"epoch {epoch} val")[0]
     _, val = fit_probe(model.get_classifier(), train_features, s.train_labels, s.cfg, generator, val_features,
                        s.val_labels, s.multi_label)
     return val
