@@ -31,7 +31,6 @@ from visiontune import runtime
 from visiontune.config import TrainConfig
 from visiontune.engine import evaluate, train_one_epoch
 from visiontune.folding import batchnorm_affine
-from visiontune.features import extract_features
 from visiontune.pipeline import build_setup, full_stage, image_val_batches
 from visiontune.recipes import fit_probe
 from visiontune.training import probe_row
@@ -85,21 +84,14 @@ def main() -> int:
     return 0
 
 
-def backbone_features(s, items) -> torch.Tensor:
-    """One view per image at the eval transform, through the backbone as it is now (no cache)."""
-    features, _ = extract_features(s.model, [path for path, _ in items], s.decode, s.pre, 1, s.cfg.seed, None,
-                                   s.cfg.eval_batch_size, s.cfg.channels_last, s.progress, runtime=s.rt)
-    return features
-
-
 def refit_head(s, fresh: bool) -> None:
     """The probe's recipe again, on features of the backbone as it is now (train and val at the eval
     transform), from the head as it is (or from a new head's initial weights)."""
     classifier = s.model.get_classifier()
     if fresh:
         classifier.reset_parameters()
-    fit_probe(classifier, backbone_features(s, s.train_items), s.train_labels, s.cfg, s.generator,
-              backbone_features(s, s.val_items)[0], s.val_labels)
+    fit_probe(classifier, s.features_of(s.train_items, 1, s.model), s.train_labels, s.cfg, s.generator,
+              s.features_of(s.val_items, 1, s.model)[0], s.val_labels)
 
 
 def pull_towards(model: torch.nn.Module, state: dict, rate: float):
