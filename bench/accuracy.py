@@ -70,9 +70,8 @@ VISIONTUNE_ROWS = {
     "eval160": ["--image-size", "160", "--train-size", "160"],
     # The same with the smaller far-domain step: does the stronger 160 px probe want a gentler start?
     "eval160-lr1e-4": ["--image-size", "160", "--train-size", "160", "--lr", "1e-4"],
-    # Candidate (2026-12-04, eighth pass; then the default on far domains): 5 fine-tuning epochs instead of 3,
-    # on the far domains (sign_digits was still rising at its third epoch; their walls leave room inside a
-    # third of fastai's).
+    # Candidate (2026-12-04, eighth pass; then the default on far domains, and on every set from the eleventh
+    # pass): 5 fine-tuning epochs instead of 3.
     "epochs5": ["--epochs", "5"],
     # Candidates (eighth pass; not taken): layer-wise lr decay 0.7 (timm's block groups: each block group from the head
     # down at 0.7x the lr of the one above), on the far domains with 5 epochs, elsewhere with the default's.
@@ -85,6 +84,12 @@ VISIONTUNE_ROWS = {
     "refit": ["--refit-head"],
     # The same run without it: the eighth pass's default, step for step (training is the same either way).
     "no-refit": ["--no-refit-head"],
+    # Candidate (2026-12-06, eleventh pass): a one-epoch linear warm-up before the cosine, with the refit: the
+    # backbone moves about half as far in the first epoch, so the refitted head has features closer to the probe's.
+    "warm1": ["--warmup-epochs", "1"],
+    # The tenth pass's default on hymenoptera and trashnet (3 fine-tuning epochs), before the eleventh pass made it 5
+    # on every set.
+    "epochs3": ["--epochs", "3"],
 }
 # Earlier defaults that no flags reproduce any more: rows of recorded results only.
 HISTORY_ROWS = {

@@ -179,7 +179,7 @@ def fit_probe(classifier: nn.Module, features: torch.Tensor, labels: torch.Tenso
 BN_TRAIN_MIN_AGREEMENT = 0.75
 FAR_DOMAIN_MAX_AGREEMENT = 0.5
 """Below this agreement the domain is far from the backbone's (eurosat10 0.34-0.37, sign_digits 0.32-0.41;
-trashnet 0.63-0.66): frozen statistics with a larger step over 5 epochs (config.FAR_DOMAIN_RECIPE)."""
+trashnet 0.63-0.66): frozen statistics with a larger step (config.FAR_DOMAIN_RECIPE)."""
 BN_CHECK_IMAGES = 128
 """Training images the check looks at (a seeded sample, at the eval transform): 3 s on a 2-core CPU."""
 

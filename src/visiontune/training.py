@@ -375,8 +375,7 @@ def _choose_bn(s: Setup, folder: RunFolder) -> None:
                f"images under their own batch statistics ({'at least' if decision['bn'] == 'train' else 'below'} "
                f"{decision['threshold']:.0%})")
         if decision.get("far"):
-            why += (f"; under {decision['far_threshold']:.0%}: a domain far from the backbone's, a larger step"
-                    f"{' over more epochs' if cfg.epochs is None else ''}")
+            why += f"; under {decision['far_threshold']:.0%}: a domain far from the backbone's, a larger step"
     decision["why"] = (f"--bn auto: {decision['bn']} ({s.cfg.optimizer} lr {s.cfg.lr:g}, {s.cfg.epochs} epochs): "
                        f"{why}")
     _say(s, decision["why"])
