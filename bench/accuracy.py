@@ -103,6 +103,9 @@ HISTORY_ROWS = {
                    "far domains too",
     "staged-bnauto": "--mode staged with the bnauto default's fine-tuning (f90a56a)",
     "staged-8th": "--mode staged before --refit-head (e3f1e1b), on the sets whose statistics stay frozen",
+    # The fastai row is measured on the machine of the default's rows (Intel, 2026-12-06); these runs were not.
+    "fastai-before": "fastai's fine_tune(3) as first measured: AMD EPYC 2026-12-01 (hymenoptera, trashnet, eurosat10), "
+                     "Intel Xeon 2026-12-02 (sign_digits)",
     "auto-bnauto": "--mode auto --budget 4m with the bnauto default's fine-tuning (f90a56a)",
 }
 RUNNABLE = [*VISIONTUNE_ROWS, "tutorial", "fastai"]
