@@ -13,6 +13,7 @@ usage: python bench/cpu_bf16.py
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -25,7 +26,7 @@ TIMED, UNTIMED, BATCH = 8, 2, 32
 
 def cpu_flags() -> str:
     try:
-        flags = set(open("/proc/cpuinfo").read().split())
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         return "unknown"
     return " ".join(sorted(f for f in flags if f.startswith("amx") or f == "avx512_bf16")) or "none"
