@@ -90,6 +90,12 @@ VISIONTUNE_ROWS = {
     # The tenth pass's default on hymenoptera and trashnet (3 fine-tuning epochs), before the eleventh pass made it 5
     # on every set.
     "epochs3": ["--epochs", "3"],
+    # Candidate (2026-12-06, twelfth pass; then the default through --freeze's rule): the stem and the first 2 stages
+    # (everything at stride 4 and finer for efficientnet_lite0) keep their pretrained weights and statistics: no
+    # backward pass through the largest activations.
+    "freeze3": ["--freeze", "3"],
+    # The eleventh pass's default (every layer trains), run beside the twelfth's for same-hour walls.
+    "freeze0": ["--freeze", "0"],
 }
 # Earlier defaults that no flags reproduce any more: rows of recorded results only.
 HISTORY_ROWS = {

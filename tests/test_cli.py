@@ -31,7 +31,9 @@ def test_train_prints_epoch_lines_and_run_folder(tiny_data, tiny_settings, tmp_p
     out_dir = tmp_path / "run"
     code, out, err = run_cli(["train", str(tiny_data), "--epochs", "2", "--out", str(out_dir), *tiny_flags(tiny_settings)], capsys)
     assert code == 0, err
-    lines = out.strip().splitlines()
+    said, *lines = out.strip().splitlines()
+    # --freeze's default, from the backbone: test_efficientnet's stem and blocks 0-1 run at 1/4 resolution or finer.
+    assert said.startswith("--freeze 3: the layers up to blocks.1 (a quarter of the input resolution and finer)")
     assert lines[0].startswith("epoch 0/2 probe") and "val loss" in lines[0]  # the linear probe, printed first
     assert lines[1].startswith("--bn auto: ")  # the BatchNorm policy measured after the probe, in one line
     # The weight average's decay, derived from this data's 4 steps an epoch (at least 8 steps: 1 - 1/8).

@@ -330,7 +330,7 @@ def test_auto_mode_under_torchrun_plans_once_and_fine_tunes_with_ddp(odd_data, d
     # The full stage trained the backbone (DDP), and the saved best weights give the logged val numbers.
     last = RunFolder(out).load_last()["model"]
     pretrained, _ = build_classifier("test_efficientnet", 3, str(tiny_weights))
-    assert not torch.equal(last["conv_stem.weight"], pretrained.state_dict()["conv_stem.weight"])
+    assert not torch.equal(last["blocks.2.0.conv_exp.weight"], pretrained.state_dict()["blocks.2.0.conv_exp.weight"])
     model_json = json.loads((out / "model.json").read_text())
     result = evaluate_run(out)
     assert result["accuracy"] == model_json["val_acc"]

@@ -152,7 +152,51 @@ def test_frozen_bn_policy_keeps_running_statistics(tiny_data, tiny_settings, tmp
     for k, v in original.state_dict().items():
         if "running_" in k:
             assert torch.equal(v, trained[k]), k
-    assert not torch.equal(original.state_dict()["conv_stem.weight"], trained["conv_stem.weight"])
+    # The layers after --freeze's default (the stem and blocks 0-1) train.
+    assert not torch.equal(original.state_dict()["blocks.2.0.conv_exp.weight"], trained["blocks.2.0.conv_exp.weight"])
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_freeze_keeps_the_first_layer_groups_as_pretrained_and_trains_the_rest(tiny_data, tiny_settings, tmp_path,
+                                                                                count):
+    from visiontune.backbones import build_classifier
+
+    # BatchNorm statistics follow the batches (--bn train) everywhere but in the frozen groups.
+    run = visiontune.train(tiny_data, out=str(tmp_path / "r"), bn="train", lr=0.05, freeze=count, **tiny_settings)
+    original, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
+    trained = run.model.state_dict()
+    # test_efficientnet's groups: the stem (conv_stem, bn1), then blocks.0 ... blocks.4, then the classifier.
+    frozen_prefixes = ("conv_stem.", "bn1.", *(f"blocks.{i}." for i in range(count - 1)))
+    changed = {k for k, v in original.state_dict().items() if v.is_floating_point() and not torch.equal(v, trained[k])}
+    assert not {k for k in changed if k.startswith(frozen_prefixes)}
+    assert f"blocks.{count - 1}.0.bn1.running_mean" in changed and f"blocks.{count}.0.bn1.weight" in changed
+    assert "classifier.weight" in changed
+    assert json.loads((run.path / "config.json").read_text())["config"]["freeze"] == count
+
+
+@pytest.mark.parametrize("architecture, count, last", [("test_efficientnet", 3, "blocks.1"), ("test_resnet", 2, "layer1"),
+                                                       ("test_convnext", 2, "stages.0"), ("test_vit", 0, None)])
+def test_freeze_default_is_the_layers_at_a_quarter_resolution_or_finer(architecture, count, last):
+    import timm
+
+    from visiontune.recipes import high_resolution_groups, leading_group_parameters
+
+    model = timm.create_model(architecture, num_classes=2)
+    assert high_resolution_groups(model) == (count, last)
+    frozen = {id(p) for p in leading_group_parameters(model, count)}
+    # What it freezes is every parameter up to that module and nothing after it (a ViT: nothing).
+    finest = [n for n, p in model.named_parameters() if id(p) in frozen]
+    assert (finest[-1].startswith(f"{last}.") if last else not finest)
+    later = [n for n, p in model.named_parameters() if id(p) not in frozen]
+    assert all(not n.startswith(f"{last}.") for n in later) if last else len(later) == len(list(model.parameters()))
+
+
+def test_freeze_beyond_the_backbones_groups_is_one_sentence(tiny_data, tiny_settings, tmp_path):
+    with pytest.raises(VisiontuneError, match=r"^--freeze 6: EfficientNet has 6 layer groups below its classifier "
+                                              r"and at least the last must train; use at most 5\.$"):
+        visiontune.train(tiny_data, out=str(tmp_path / "r"), freeze=6, **tiny_settings)
+    with pytest.raises(VisiontuneError, match="--freeze -1"):
+        visiontune.train(tiny_data, out=str(tmp_path / "r2"), freeze=-1, **tiny_settings)
 
 
 def test_patience_stops_early(tiny_data, tiny_settings, tmp_path):
@@ -289,8 +333,11 @@ def test_bn_auto_decision_reaches_config_and_training(tiny_data, tiny_settings, 
     assert ("--refit-head: " in said) == (policy == "frozen")  # AdamW's recipes refit the head, SGD's does not
     original, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
     trained = run.model.state_dict()
-    kept = [torch.equal(v, trained[k]) for k, v in original.state_dict().items() if "running_mean" in k]
-    assert all(kept) if policy == "frozen" else not any(kept)
+    # --freeze's default keeps the stem and blocks 0-1 as pretrained whatever the policy; the policy decides the rest.
+    kept = {k: torch.equal(v, trained[k]) for k, v in original.state_dict().items() if "running_mean" in k}
+    assert all(v for k, v in kept.items() if k.startswith(("bn1.", "blocks.0.", "blocks.1.")))
+    after = [v for k, v in kept.items() if not k.startswith(("bn1.", "blocks.0.", "blocks.1."))]
+    assert after and (all(after) if policy == "frozen" else not any(after))
 
 
 def test_bn_auto_keeps_the_users_optimizer_and_lr(tiny_data, tiny_settings, tmp_path, monkeypatch):
@@ -395,7 +442,7 @@ def test_val_and_the_saved_model_are_the_average(tiny_data, tiny_settings, tmp_p
     raw, average = last["model"], last["ema"]
     if ema_epochs:
         assert all(torch.equal(best[k], average[k]) for k in best)
-        assert not torch.equal(best["conv_stem.weight"], raw["conv_stem.weight"])
+        assert not torch.equal(best["blocks.2.0.conv_exp.weight"], raw["blocks.2.0.conv_exp.weight"])
     else:
         assert average is None and all(torch.equal(best[k], raw[k]) for k in best)
     # The epoch's val accuracy is the saved model's.

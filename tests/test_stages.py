@@ -110,7 +110,7 @@ def test_staged_runs_head_then_every_layer_at_its_own_lr(tiny_data, tiny_setting
     assert [float(r["lr"]) for r in rows] == [0.05, 0.05, 0.002, 0.002]
     pretrained, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
     final = torch.load(run.path / "last.ckpt", weights_only=True)["model"]
-    assert not torch.equal(pretrained.state_dict()["conv_stem.weight"], final["conv_stem.weight"])
+    assert not torch.equal(pretrained.state_dict()["blocks.2.0.conv_exp.weight"], final["blocks.2.0.conv_exp.weight"])
 
 
 def test_staged_resume_across_the_stage_boundary_is_exact(tiny_data, tiny_settings, tmp_path, monkeypatch):
@@ -129,7 +129,7 @@ def test_auto_plans_fine_tuning_epochs_from_measured_times(tiny_data, tiny_setti
     run = visiontune.train(tiny_data, out=str(tmp_path / "big"), budget="1h", **settings)
     plan = json.loads((run.path / "auto.json").read_text())
     assert plan["estimated_epoch_seconds"] == pytest.approx(0.92)
-    assert plan["full_epochs"] == 3 and run.decision.startswith("auto: fine-tuning every layer for 3 epoch(s)")
+    assert plan["full_epochs"] == 3 and run.decision.startswith("auto: fine-tuning for 3 epoch(s)")
     assert [r["stage"] for r in read_metrics(run.path)] == ["head"] * 25 + ["full"] * 3
 
 
@@ -142,7 +142,7 @@ def test_auto_keeps_the_head_when_the_budget_is_spent(tiny_data, tiny_settings, 
     assert [r["stage"] for r in read_metrics(run.path)] == ["head"] * 3
     pretrained, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
     best = checkpoint.load_weights(run.path / "best.safetensors")
-    assert torch.equal(pretrained.state_dict()["conv_stem.weight"], best["conv_stem.weight"])
+    assert torch.equal(pretrained.state_dict()["blocks.2.0.conv_exp.weight"], best["blocks.2.0.conv_exp.weight"])
 
 
 def test_auto_step_timing_leaves_the_run_untouched(tiny_data, tiny_settings):

@@ -71,7 +71,7 @@ MODE_DEFAULTS = {
     # Fine-tuning's epochs come with the BatchNorm policy's recipe (BN_RECIPES, FAR_DOMAIN_RECIPE).
     "finetune": {**FINE_TUNE, "head_init": "probe"},
     "fixed": {"epochs": 25, "lr": 0.01, "optimizer": "sgd", "schedule": "cosine", "warmup_epochs": 0.0,
-              "head_init": "random", "bn": "frozen", "ema_epochs": 0.0, "refit_head": False},
+              "head_init": "random", "bn": "frozen", "ema_epochs": 0.0, "refit_head": False, "freeze": 0},
     # Head first on cached features with fixed mode's head recipe (SGD, 25 epochs at 0.01: on cached
     # features they cost about a second), then every layer as finetune does.
     "staged": {**FINE_TUNE, "head_init": "random", "head_epochs": 25, "head_lr": 0.01},
@@ -87,8 +87,9 @@ class TrainConfig:
     data: str
     """Folder (tutorial layout or class folders), CSV of path,label[,split], or a known data set name."""
     mode: str = field(default="finetune", metadata={"choices": MODES})
-    """finetune: train every weight; fixed: frozen backbone (BatchNorm statistics too), new head only;
-    staged: head_epochs of head only (frozen backbone), then `epochs` of every layer at `lr`;
+    """finetune: train the new head and the backbone (all but its first --freeze layer groups); fixed: frozen
+    backbone (BatchNorm statistics too), new head only; staged: head_epochs of head only (frozen backbone),
+    then `epochs` of fine-tuning as finetune does, at `lr`;
     auto: staged, with as many fine-tuning epochs (up to `epochs`, maybe none) as fit `budget`."""
     model: str = DEFAULT_BACKBONE
     """Registered backbone name (`visiontune models`) or any timm architecture."""
@@ -99,7 +100,7 @@ class TrainConfig:
     """A run folder whose best weights start this run: backbone and head when the classes are the same,
     else the backbone only."""
     epochs: int | None = None
-    """Epochs of training every layer (finetune, staged, auto) or of the head (fixed, default 25).
+    """Epochs of fine-tuning (finetune, staged, auto) or of the head (fixed, default 25).
     Fine-tuning's default comes with the BatchNorm policy's recipe: 5 with each (said in its line and
     config.json)."""
     head_epochs: int | None = None
@@ -156,6 +157,12 @@ class TrainConfig:
     lr_decay: float | None = None
     """Layer-wise learning-rate decay for fine-tuning: each block group from the head down gets lr
     multiplied by this factor once more (e.g. 0.7); None: one learning rate."""
+    freeze: int | None = None
+    """Fine-tuning: the first N of the backbone's layer groups (timm's group_matcher: the stem, then
+    each stage) keep their pretrained weights and BatchNorm statistics; no gradient flows through them,
+    so each training step is cheaper. Default: the groups that run at a quarter of the input resolution
+    or finer (timm's feature_info; said in one line): 3 on EfficientNet-Lite (the stem, blocks 0-1),
+    2 on a ResNet, 0 on a ViT. 0: every layer trains."""
     head_lr_mult: float = 1.0
     """Fine-tuning: the new head's learning rate as a multiple of lr (fastai's discriminative rates:
     the head higher than the pretrained body), e.g. 30; 1: one learning rate."""
@@ -276,6 +283,8 @@ class TrainConfig:
         need(self.accumulate >= 1, "--accumulate", self.accumulate, "use 1 or more")
         need(self.patience is None or self.patience >= 1, "--patience", self.patience, "use 1 or more")
         need(self.lr_decay is None or 0 < self.lr_decay <= 1, "--lr-decay", self.lr_decay, "use a value in (0, 1]")
+        need(self.freeze is None or (isinstance(self.freeze, int) and self.freeze >= 0), "--freeze", self.freeze,
+             "use a whole number of layer groups, 0 (every layer trains) or more")
         need(self.head_lr_mult > 0, "--head-lr-mult", self.head_lr_mult, "use a value above 0 (1: one learning rate)")
         need(self.ema_epochs >= 0, "--ema-epochs", self.ema_epochs, "use 0 (off) or a time constant in epochs such as 0.25")
         need(0 < self.crop_scale <= 1, "--crop-scale", self.crop_scale, "use a share of the image in (0, 1]")

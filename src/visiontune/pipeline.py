@@ -5,7 +5,7 @@ it needs, so that tools such as lr-find build exactly what a run would.
 
 A run is one or two stages:
 - fixed: "head" (backbone frozen, BatchNorm statistics too; new head only);
-- finetune: "full" (every layer), after a linear probe of the head (LP-FT);
+- finetune: "full" (every layer but --freeze's first groups), after a linear probe of the head (LP-FT);
 - staged/auto: "head" for head_epochs, then "full" at a lower learning rate.
 A "head" stage trains on backbone features computed once (cached); a "full"
 stage on images.
@@ -33,7 +33,8 @@ from .progress import progress_bar
 from .images import DecodeCache, decode_array, default_cache_dir, screen_images
 from .known.datasets import resolve_dataset
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
-from .recipes import MixBatch, fit_probe, inverse_frequency_weights, lr_multiplier, make_optimizer, make_sampler
+from .recipes import (MixBatch, fit_probe, high_resolution_groups, inverse_frequency_weights, leading_group_parameters,
+                      lr_multiplier, make_optimizer, make_sampler)
 from .runtime import Runtime, seed_everything, seed_rank
 
 
@@ -135,6 +136,8 @@ class Setup:
     progress: Callable
     excluded: dict[str, str]
     size_decision: dict | None = None
+    freeze_decision: str | None = None
+    """The line that says which layers --freeze's default keeps as pretrained, when it keeps any."""
     """How the image sizes followed the data (choose_image_sizes), for config.json; None when given."""
     observers: CallbackList = field(default_factory=CallbackList)
     """Callbacks and experiment loggers (rank 0); run_training sets them once the run folder exists."""
@@ -292,6 +295,8 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
         pre = Preprocessing.from_data_config(backbones.data_config(model), eval_size)
     # Record the sizes actually used, so config.json is complete without the backbone at hand.
     cfg = replace(cfg, image_size=pre.size, train_size=train_size)
+    freeze, freeze_decision = _choose_freeze(cfg, model)
+    cfg = replace(cfg, freeze=freeze)
     model = model.to(rt.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -313,7 +318,20 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
     return Setup(cfg=cfg, rt=rt, splits=splits, model=model, backbone=backbone, weights_source=weights_source,
                  head_from_init=head_from_init,
                  pre=pre, decode=decode, cache_dir=cache_dir, generator=generator, progress=progress,
-                 excluded=excluded, size_decision=size_decision)
+                 excluded=excluded, size_decision=size_decision, freeze_decision=freeze_decision)
+
+
+def _choose_freeze(cfg: TrainConfig, model: nn.Module) -> tuple[int, str | None]:
+    """--freeze as given (checked against the model before any work), or its default from the model."""
+    if cfg.freeze is not None:
+        leading_group_parameters(model, cfg.freeze)  # too many groups: one sentence now, not after the probe
+        return cfg.freeze, None
+    count, last = high_resolution_groups(model)
+    if count == 0:
+        return 0, None
+    return count, (f"--freeze {count}: the layers up to {last} (a quarter of the input resolution and finer) keep "
+                   "their pretrained weights and BatchNorm statistics while the rest fine-tunes: their generic "
+                   "features stay, each step is cheaper (--freeze 0 trains every layer)")
 
 
 @dataclass
@@ -321,7 +339,7 @@ class Stage:
     """One optimizer, one schedule, one kind of batches, over `epochs` epochs."""
 
     name: str
-    """"head" (new head only, backbone frozen) or "full" (every layer)."""
+    """"head" (new head only, backbone frozen) or "full" (every layer but --freeze's first groups)."""
     epochs: int
     lr: float
     module: nn.Module
@@ -365,6 +383,7 @@ def freeze_for_mode(cfg: TrainConfig, model: nn.Module, stage: str) -> list[nn.M
 
     head: everything but the classifier is frozen, BatchNorm statistics included.
     full with --bn frozen: every BatchNorm keeps its running statistics (its affine weights train).
+    full with --freeze N: the first N layer groups keep their weights and statistics.
     """
     classifier = model.get_classifier()
     if stage == "head":
@@ -375,9 +394,13 @@ def freeze_for_mode(cfg: TrainConfig, model: nn.Module, stage: str) -> list[nn.M
         return [m for m in model.children() if m is not classifier]
     for p in model.parameters():
         p.requires_grad_(True)
+    for p in leading_group_parameters(model, cfg.freeze) if cfg.freeze else ():
+        p.requires_grad_(False)
     if cfg.bn == "frozen":
         return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    return []
+    # --freeze: the frozen layer groups run as at inference (BatchNorm statistics, dropout), whatever --bn.
+    return [m for m in model.modules() if any(True for _ in m.parameters())
+            and not any(p.requires_grad for p in m.parameters())]
 
 
 def _scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, epochs: int):
@@ -464,7 +487,7 @@ def full_stage(s: Setup, epochs: int) -> Stage:
     if cfg.bn == "auto":
         raise ValueError("full_stage needs a decided BatchNorm policy: cfg.with_bn_policy('frozen' or 'train')")
     frozen = freeze_for_mode(cfg, model, "full")
-    optimizer = make_optimizer(cfg, [(n, p) for n, p in model.named_parameters()], model)
+    optimizer = make_optimizer(cfg, [(n, p) for n, p in model.named_parameters() if p.requires_grad], model)
     train_batches = image_train_batches(s, TrainTransform(s.pre, cfg.train_size, (cfg.crop_scale, 1.0),
                                                           strength=cfg.augment))
     steps = math.ceil(len(train_batches) / cfg.accumulate)

@@ -51,6 +51,50 @@ def _head_apart(groups: list[dict], model: nn.Module, lr: float, mult: float) ->
     return split
 
 
+def leading_group_parameters(model: nn.Module, count: int) -> list[nn.Parameter]:
+    """The parameters of the first `count` of the model's layer groups (timm's coarse group_matcher:
+    the stem, then each stage), for --freeze. The groups that hold the classifier are never among them."""
+    from timm.models import group_parameters
+
+    from .errors import UsageError
+
+    name = type(model).__name__
+    if not hasattr(model, "group_matcher"):
+        raise UsageError(f"--freeze {count}: {name} does not say how its layers group into stages; "
+                         "use --freeze 0.")
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    head = {id(p) for p in model.get_classifier().parameters()}
+    below_head = [ids for _, ids in sorted(groups.items())]
+    named = dict(model.named_parameters())
+    below_head = [names for names in below_head if not any(id(named[n]) in head for n in names)]
+    if count > len(below_head) - 1:
+        raise UsageError(f"--freeze {count}: {name} has {len(below_head)} layer groups below its classifier "
+                         f"and at least the last must train; use at most {len(below_head) - 1}.")
+    return [named[n] for names in below_head[:count] for n in names]
+
+
+def high_resolution_groups(model: nn.Module, finest_reduction: int = 4) -> tuple[int, str | None]:
+    """The default of --freeze: how many of the model's layer groups (leading_group_parameters' count)
+    run at 1/`finest_reduction` of the input resolution or finer, and the last module among them.
+    These layers hold the most generic features (edges, colours) and the largest activations, whose
+    backward pass is the dearest per parameter. A model without timm's feature_info and group_matcher
+    freezes nothing."""
+    from timm.models import group_parameters
+
+    info = getattr(model, "feature_info", None)
+    if not hasattr(model, "group_matcher") or not info:
+        return 0, None
+    fine = [entry["module"] for entry in info if entry["reduction"] <= finest_reduction]
+    if not fine:
+        return 0, None
+    last = fine[-1]
+    groups = sorted(group_parameters(model, model.group_matcher(coarse=True)).items())
+    for position, (_, names) in enumerate(groups):
+        if any(n.startswith(last + ".") for n in names):
+            return position + 1, last
+    return 0, None
+
+
 def layer_decay_groups(model: nn.Module, lr: float, weight_decay: float, decay: float) -> list[dict]:
     """Discriminative learning rates: timm's block grouping of the model (stem, each stage, head);
     the classifier gets `lr`, each group below it one more factor of `decay`."""

@@ -92,6 +92,8 @@ def resume(run_dir: str | Path, quiet: bool = False, epochs: int | None = None, 
         settings = {**settings, "ema_epochs": 0.0}
     if "refit_head" not in settings:  # ... and one started before --refit-head without that
         settings = {**settings, "refit_head": False}
+    if "freeze" not in settings:  # ... and one started before --freeze trained every layer
+        settings = {**settings, "freeze": 0}
     cfg = TrainConfig(**{**settings, **where, "out": str(folder.path), "quiet": quiet or settings.get("quiet", False)})
     state = folder.load_last()
     if epochs is not None and cfg.epochs is None:
@@ -195,6 +197,8 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None, callbacks: 
     loop = _restore(s, folder, resume_state) if resume_state is not None else LoopState(started=started)
     if resume_state is None and s.size_decision is not None and s.size_decision["small"]:
         _say(s, s.size_decision["why"])
+    if resume_state is None and s.freeze_decision is not None:
+        _say(s, s.freeze_decision)
     if resume_state is None and s.rt.is_main:
         loop.duplicate_check = DuplicateCheck(s.splits)
         s = replace(s, progress=_starting_after_first_batch(s.progress, loop.duplicate_check.start))
@@ -635,7 +639,7 @@ def _plan_auto(s: Setup, folder: RunFolder, loop: LoopState) -> dict:
                           f"fine-tuning epoch needs about {epoch_s:.0f}s and {max(left, 0):.0f}s of the "
                           f"{budget:.0f}s budget are left")
     else:
-        epochs, why = fits, (f"fine-tuning every layer for {fits} epoch(s) of about {epoch_s:.0f}s: the "
+        epochs, why = fits, (f"fine-tuning for {fits} epoch(s) of about {epoch_s:.0f}s: the "
                              f"frozen-backbone head reached val acc {head_acc:.4f} in {elapsed:.0f}s and "
                              f"{left:.0f}s of the {budget:.0f}s budget are left")
     decision = rt.broadcast({"full_epochs": epochs, "decision": "auto: " + why, "head_val_acc": head_acc,
