@@ -136,9 +136,9 @@ class Setup:
     progress: Callable
     excluded: dict[str, str]
     size_decision: dict | None = None
+    """How the image sizes followed the data (choose_image_sizes), for config.json; None when given."""
     freeze_decision: str | None = None
     """The line that says which layers --freeze's default keeps as pretrained, when it keeps any."""
-    """How the image sizes followed the data (choose_image_sizes), for config.json; None when given."""
     observers: CallbackList = field(default_factory=CallbackList)
     """Callbacks and experiment loggers (rank 0); run_training sets them once the run folder exists."""
     on_exclude: Callable[[dict[str, str]], None] | None = None
@@ -396,11 +396,12 @@ def freeze_for_mode(cfg: TrainConfig, model: nn.Module, stage: str) -> list[nn.M
         p.requires_grad_(True)
     for p in leading_group_parameters(model, cfg.freeze) if cfg.freeze else ():
         p.requires_grad_(False)
-    if cfg.bn == "frozen":
-        return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     # --freeze: the frozen layer groups run as at inference (BatchNorm statistics, dropout), whatever --bn.
-    return [m for m in model.modules() if any(True for _ in m.parameters())
-            and not any(p.requires_grad for p in m.parameters())]
+    frozen_groups = [m for m in model.modules() if any(True for _ in m.parameters())
+                     and not any(p.requires_grad for p in m.parameters())]
+    if cfg.bn == "frozen":
+        return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] + frozen_groups
+    return frozen_groups
 
 
 def _scheduler(cfg: TrainConfig, optimizer, steps_per_epoch: int, epochs: int):

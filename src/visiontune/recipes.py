@@ -64,9 +64,8 @@ def leading_group_parameters(model: nn.Module, count: int) -> list[nn.Parameter]
                          "use --freeze 0.")
     groups = group_parameters(model, model.group_matcher(coarse=True))
     head = {id(p) for p in model.get_classifier().parameters()}
-    below_head = [ids for _, ids in sorted(groups.items())]
     named = dict(model.named_parameters())
-    below_head = [names for names in below_head if not any(id(named[n]) in head for n in names)]
+    below_head = [names for _, names in sorted(groups.items()) if not any(id(named[n]) in head for n in names)]
     if count > len(below_head) - 1:
         raise UsageError(f"--freeze {count}: {name} has {len(below_head)} layer groups below its classifier "
                          f"and at least the last must train; use at most {len(below_head) - 1}.")
