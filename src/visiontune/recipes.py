@@ -51,24 +51,30 @@ def _head_apart(groups: list[dict], model: nn.Module, lr: float, mult: float) ->
     return split
 
 
-def leading_group_parameters(model: nn.Module, count: int) -> list[nn.Parameter]:
-    """The parameters of the first `count` of the model's layer groups (timm's coarse group_matcher:
-    the stem, then each stage), for --freeze. The groups that hold the classifier are never among them."""
+def _groups_below_head(model: nn.Module) -> list[list[str]]:
+    """Parameter names of the model's layer groups in order (timm's coarse group_matcher: the stem, then
+    each stage), without the groups that hold the classifier."""
     from timm.models import group_parameters
 
+    head = {id(p) for p in model.get_classifier().parameters()}
+    named = dict(model.named_parameters())
+    groups = group_parameters(model, model.group_matcher(coarse=True))
+    return [names for _, names in sorted(groups.items()) if not any(id(named[n]) in head for n in names)]
+
+
+def leading_group_parameters(model: nn.Module, count: int) -> list[nn.Parameter]:
+    """The parameters of the first `count` of the model's layer groups below its classifier, for --freeze."""
     from .errors import UsageError
 
     name = type(model).__name__
     if not hasattr(model, "group_matcher"):
         raise UsageError(f"--freeze {count}: {name} does not say how its layers group into stages; "
                          "use --freeze 0.")
-    groups = group_parameters(model, model.group_matcher(coarse=True))
-    head = {id(p) for p in model.get_classifier().parameters()}
-    named = dict(model.named_parameters())
-    below_head = [names for _, names in sorted(groups.items()) if not any(id(named[n]) in head for n in names)]
+    below_head = _groups_below_head(model)
     if count > len(below_head) - 1:
         raise UsageError(f"--freeze {count}: {name} has {len(below_head)} layer groups below its classifier "
                          f"and at least the last must train; use at most {len(below_head) - 1}.")
+    named = dict(model.named_parameters())
     return [named[n] for names in below_head[:count] for n in names]
 
 
@@ -78,8 +84,6 @@ def high_resolution_groups(model: nn.Module, finest_reduction: int = 4) -> tuple
     These layers hold the most generic features (edges, colours) and the largest activations, whose
     backward pass is the dearest per parameter. A model without timm's feature_info and group_matcher
     freezes nothing."""
-    from timm.models import group_parameters
-
     info = getattr(model, "feature_info", None)
     if not hasattr(model, "group_matcher") or not info:
         return 0, None
@@ -87,8 +91,7 @@ def high_resolution_groups(model: nn.Module, finest_reduction: int = 4) -> tuple
     if not fine:
         return 0, None
     last = fine[-1]
-    groups = sorted(group_parameters(model, model.group_matcher(coarse=True)).items())
-    for position, (_, names) in enumerate(groups):
+    for position, names in enumerate(_groups_below_head(model)):
         if any(n.startswith(last + ".") for n in names):
             return position + 1, last
     return 0, None
