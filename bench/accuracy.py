@@ -96,6 +96,9 @@ VISIONTUNE_ROWS = {
     "freeze3": ["--freeze", "3"],
     # The eleventh pass's default (every layer trains), run beside the twelfth's for same-hour walls.
     "freeze0": ["--freeze", "0"],
+    # The twelfth pass's default without the thirteenth's kept output of the frozen layers: the same numbers, every
+    # val (and refit) pass through the whole model; run beside the default for same-hour walls.
+    "whole": ["--frozen-cache-gb", "0"],
 }
 # Earlier defaults that no flags reproduce any more: rows of recorded results only.
 HISTORY_ROWS = {

@@ -219,6 +219,10 @@ class TrainConfig:
     """Where decoded images and features are cached; default ~/.cache/visiontune."""
     decode_cache_gb: float = 8.0
     """Upper bound for newly cached decoded images; past it images are decoded every epoch."""
+    frozen_cache_gb: float = 1.0
+    """Memory for the output of --freeze's frozen layers on the val images (and, with --refit-head, the
+    training images) at the eval transform: kept from the first fine-tuning epoch, so later epochs'
+    passes start after those layers; 0 computes them every epoch."""
     feature_cache: bool = True
     """Fixed mode: compute backbone features once and train the head on them."""
     strict: bool = False
@@ -308,6 +312,7 @@ class TrainConfig:
 
         parse_log(self.log)
         need(self.decode_cache_gb >= 0, "--decode-cache-gb", self.decode_cache_gb, "use 0 (no cache) or more")
+        need(self.frozen_cache_gb >= 0, "--frozen-cache-gb", self.frozen_cache_gb, "use 0 (no cache) or more")
 
     def with_bn_policy(self, policy: str, far: bool = False) -> "TrainConfig":
         """--bn auto decided: the policy, and its optimizer and step where the user gave none (`far`:

@@ -29,6 +29,7 @@ from .files import atomic_write
 from .folding import fold_batchnorm, pooled_features
 from .images import file_identity, unreadable_reason
 from .memory import release_freed_memory
+from .prefix import FrozenPrefix, PrefixSplit
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
 
 
@@ -298,6 +299,7 @@ def extract_features(
     channels_last: bool = True,
     progress: Callable[[Iterator, int, str], Iterator] = lambda it, total, desc: it,
     runtime=None,
+    prefix: FrozenPrefix | None = None,
 ) -> tuple[torch.Tensor | FeaturesOnDisk, dict[str, str]]:
     """Features [views, images that could be read, dim] in eval mode (on the CPU), and {path: reason}
     of the images that could not be read (left out of the features). Cached entries are reused.
@@ -308,6 +310,8 @@ def extract_features(
     With several processes (torchrun), rank 0's cache decides what is missing, each rank computes
     every world_size-th missing image, and the results are gathered on every rank: N devices extract
     N times faster, and all ranks end with the same features and the same failures.
+    `prefix` (one process, a model being fine-tuned with --freeze): view 0's images whose frozen layers'
+    output it holds start after those layers, undecoded; the others' output is kept for the next pass.
     One process with a cache and at least ON_DISK_MIN_ROWS rows writes each batch's rows into a new
     cache part as it goes and returns FeaturesOnDisk over the parts: the rows are never all in memory.
     """
@@ -317,6 +321,13 @@ def extract_features(
     device = next(model.parameters()).device
     model.eval()
     fast_model = None  # folded lazily: only when something is missing from the cache
+    split: PrefixSplit | None = None
+    if cache is not None or rt.distributed:
+        prefix = None  # the pretrained model's features are cached on disk; ranks would each keep a shard
+
+    def split_of(folded: nn.Module) -> PrefixSplit | None:
+        # A model that could not be folded is the one being trained: no hook goes on it.
+        return prefix.split(folded, pre.size, channels_last) if folded is not model else None
     eval_tf, train_tf = EvalTransform(pre), TrainTransform(pre)
     identities = [file_identity(p) for p in paths]
     on_disk = cache is not None and not rt.distributed and views * len(paths) >= ON_DISK_MIN_ROWS
@@ -356,6 +367,19 @@ def extract_features(
                     # set grew by 0.3 GB more than the features. A trim per batch kept it lower still, but
                     # its page faults cost 20% of the pass's speed; one per 16 batches does not show.
                     release_freed_memory()
+                resumed = [i for i in chunk if view == 0 and prefix and prefix.has(identities[i])]
+                if resumed:
+                    fast_model = fast_model or fold_batchnorm(model, pre.size)
+                    split = split or split_of(fast_model)
+                if split is not None and resumed:
+                    with torch.inference_mode(), rt.autocast():
+                        batch = prefix.batch([identities[i] for i in resumed], device)
+                        feats = split.features_from(batch).float().cpu().numpy()
+                    dim = feats.shape[1]
+                    rows_of(dim)[view, resumed] = feats
+                    computed += resumed
+                    resumed_set = set(resumed)
+                    chunk = [i for i in chunk if i not in resumed_set]
                 images, kept = [], []
                 for i in chunk:
                     try:
@@ -371,9 +395,16 @@ def extract_features(
                 if not kept:
                     continue
                 fast_model = fast_model or fold_batchnorm(model, pre.size)
+                if view == 0 and prefix and split is None:
+                    split = split_of(fast_model)
                 with torch.inference_mode(), rt.autocast():
                     batch = normalize_batch(torch.stack(images).to(device, non_blocking=True), pre, channels_last)
-                    feats = pooled_features(fast_model, batch).float().cpu().numpy()
+                    if view == 0 and split is not None:
+                        feats, frozen_output = split.features_keeping(batch)
+                        prefix.keep([identities[i] for i in kept], frozen_output)
+                        feats = feats.float().cpu().numpy()
+                    else:
+                        feats = pooled_features(fast_model, batch).float().cpu().numpy()
                 dim = feats.shape[1]
                 if on_disk:
                     writer = writer or cache.new_part(view, seed, len(mine), dim)

@@ -26,9 +26,10 @@ from . import backbones, checkpoint
 from .callbacks import CallbackList
 from .config import EMA_MIN_STEPS, MODE_DEFAULTS, TrainConfig
 from .data import Splits, discover, label_tensor, train_loader, val_loader
-from .engine import EvalOutput
+from .engine import EvalOutput, evaluate
 from .errors import DataError, UsageError
 from .features import FeatureBatches, FeatureCache, extract_features
+from .prefix import FrozenPrefix
 from .progress import progress_bar
 from .images import DecodeCache, decode_array, default_cache_dir, screen_images
 from .known.datasets import resolve_dataset
@@ -197,10 +198,11 @@ class Setup:
         return normalize_batch(images, self.pre, self.cfg.channels_last)
 
     def features_of(self, items: list[tuple[Path, int]], views: int, model: nn.Module | None = None,
-                    desc: str | None = None) -> torch.Tensor:
+                    desc: str | None = None, prefix: FrozenPrefix | None = None) -> torch.Tensor:
         """Pooled backbone features [views, readable images, dim] of `items`: of the run's model through
-        the feature cache, or of `model` as it is now (fine-tuned weights: nothing to reuse, not cached).
-        `desc` names the pass on the progress bar (default: the view)."""
+        the feature cache, or of `model` as it is now (fine-tuned weights: nothing to reuse, not cached;
+        its frozen layers' output kept in `prefix`). `desc` names the pass on the progress bar (default:
+        the view)."""
         progress = self.progress if desc is None else (lambda it, total, _: self.progress(it, total, desc))
         cache = FeatureCache(self.cache_dir, {
             "arch": self.backbone.timm_name, "weights": self.weights_source, "pre": self.pre.to_json(),
@@ -209,7 +211,7 @@ class Setup:
                                             self.decode, self.pre, views, self.cfg.seed,
                                             cache if self.cfg.feature_cache and model is None else None,
                                             self.cfg.eval_batch_size, self.cfg.channels_last, progress,
-                                            runtime=self.rt)
+                                            runtime=self.rt, prefix=prefix)
         # The rows are those of the images that could be read: the samples (and labels) lose the others.
         self.exclude(failed)
         return features
@@ -358,6 +360,8 @@ class Stage:
     scaler: object = None
     ema: "WeightAverage | None" = None
     """Full stage with --ema-epochs > 0: the averaged weights that val, best and the saved files use."""
+    prefix: FrozenPrefix | None = None
+    """Full stage with --freeze: the frozen layers' output on the images val (and the refit) pass over."""
 
     @property
     def evaluated(self) -> nn.Module:
@@ -493,12 +497,16 @@ def full_stage(s: Setup, epochs: int) -> Stage:
                                                           strength=cfg.augment))
     steps = math.ceil(len(train_batches) / cfg.accumulate)
     mix = MixBatch(len(s.classes), cfg.mixup, cfg.cutmix) if cfg.mixup > 0 or cfg.cutmix > 0 else None
+    # Under torchrun each rank evaluates its own shard of the images: they go through the whole model.
+    prefix = FrozenPrefix(model, int(cfg.frozen_cache_gb * (1 << 30))) \
+        if cfg.freeze and cfg.frozen_cache_gb > 0 and not s.rt.distributed else None
     return Stage("full", epochs, cfg.lr, model, _wrap(s, model), train_batches, image_val_batches(s), s.prepare,
                  frozen, optimizer, _scheduler(cfg, optimizer, steps, epochs), steps, on_features=False, mix=mix,
-                 scaler=s.rt.grad_scaler(), ema=WeightAverage(model, cfg.ema_epochs, steps) if cfg.ema_epochs else None)
+                 scaler=s.rt.grad_scaler(), ema=WeightAverage(model, cfg.ema_epochs, steps) if cfg.ema_epochs else None,
+                 prefix=prefix)
 
 
-def refit_head(s: Setup, model: nn.Module, epoch: int) -> EvalOutput:
+def refit_head(s: Setup, model: nn.Module, epoch: int, prefix: FrozenPrefix | None = None) -> EvalOutput:
     """--refit-head: fit `model`'s head again on `model`'s own features and return its val statistics.
 
     The probe's recipe (recipes.fit_probe, continuing from the head as it is) on the features of the
@@ -510,11 +518,23 @@ def refit_head(s: Setup, model: nn.Module, epoch: int) -> EvalOutput:
     """
     generator = torch.Generator().manual_seed(s.cfg.seed * 10_000 + epoch)
     # The training images first: their pass may leave unreadable images out.
-    train_features = s.features_of(s.train_items, 1, model, f"epoch {epoch} refit: train features")
-    val_features = s.features_of(s.val_items, 1, model, f"epoch {epoch} val")[0]
+    train_features = s.features_of(s.train_items, 1, model, f"epoch {epoch} refit: train features", prefix)
+    val_features = s.features_of(s.val_items, 1, model, f"epoch {epoch} val", prefix)[0]
     _, val = fit_probe(model.get_classifier(), train_features, s.train_labels, s.cfg, generator, val_features,
                        s.val_labels, s.multi_label)
     return val
+
+
+def evaluate_by_features(s: Setup, model: nn.Module, epoch: int, prefix: FrozenPrefix) -> EvalOutput:
+    """The val pass of `model` as its pooled features (through `prefix`: the frozen layers run on an image
+    once a stage), then its classifier on them: the numbers an image val pass gives, the same batches."""
+    features = s.features_of(s.val_items, 1, model, f"epoch {epoch} val", prefix)[0]
+    # The image val loader draws its seed from the global RNG on each pass; the same draw here keeps the
+    # training's random stream (crops, dropout), so a run gives the numbers it gives with --frozen-cache-gb 0.
+    torch.empty((), dtype=torch.int64).random_()
+    batches = zip(features.split(s.cfg.eval_batch_size), s.val_labels.split(s.cfg.eval_batch_size))
+    return evaluate(model.get_classifier(), batches, label_smoothing=s.cfg.label_smoothing, device=s.rt.device,
+                    multi_label=s.multi_label, keep_outputs=True)
 
 
 class WeightAverage:

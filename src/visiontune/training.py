@@ -31,7 +31,7 @@ from .folding import fold_batchnorm
 from .memory import release_freed_memory
 from .preprocess import EvalTransform
 from .pipeline import (Setup, Stage, build_setup, choose_run_dir, class_weights_for, ensure_writable,
-                       full_stage, head_stage, refit_head)
+                       evaluate_by_features, full_stage, head_stage, refit_head)
 from .recipes import BN_CHECK_IMAGES, choose_bn_policy, fit_probe
 from .runfolder import RunFolder
 
@@ -443,7 +443,9 @@ def _epoch_row(s: Setup, folder: RunFolder, loop: LoopState, stage: Stage, epoch
         s.exclude_unread()  # before the training images' features, so that their rows match the labels
         # A copy: training goes on with its own head (and the average with its own).
         evaluated = copy.deepcopy(stage.evaluated)
-        val_stats = refit_head(s, evaluated, epoch)
+        val_stats = refit_head(s, evaluated, epoch, stage.prefix)
+    elif stage.prefix:
+        val_stats = evaluate_by_features(s, stage.evaluated, epoch, stage.prefix)
     else:
         # In eval mode BatchNorm is a fixed affine map: a folded copy evaluates about 1.5x faster.
         eval_model = stage.module if stage.on_features else fold_batchnorm(stage.evaluated, s.pre.size)

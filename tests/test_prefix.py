@@ -1,0 +1,131 @@
+"""--freeze's frozen layers run once per image (prefix.FrozenPrefix): the features and the run's numbers are
+those of the whole model every epoch."""
+
+from functools import partial
+
+import pytest
+import torch
+from torch import nn
+
+import visiontune
+from visiontune.features import extract_features
+from visiontune.images import decode_array
+from visiontune.prefix import FrozenPrefix, frozen_module_names
+from visiontune.preprocess import Preprocessing
+from visiontune.recipes import leading_group_parameters
+
+from .conftest import read_metrics
+
+
+def _frozen_model(architecture: str, count: int) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(architecture, num_classes=2).eval()
+    for p in leading_group_parameters(model, count):
+        p.requires_grad_(False)
+    return model
+
+
+def _features(model, paths, prefix=None, size=48):
+    pre = Preprocessing(size=size, resize=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                        interpolation="bilinear", crop_pct=1.0)
+    decode = partial(decode_array, short_side=pre.resize, interpolation=pre.interpolation)
+    features, failed = extract_features(model, paths, decode, pre, 1, 0, None, batch_size=4, channels_last=False,
+                                        prefix=prefix)
+    assert not failed
+    return features[0]
+
+
+@pytest.mark.parametrize("architecture, count, names", [
+    ("test_efficientnet", 3, ["conv_stem", "bn1", "blocks.0", "blocks.1"]),
+    ("test_efficientnet", 1, ["conv_stem", "bn1"]),
+    # ResNet's stem ends in an activation and a max-pool, without parameters, before layer1.
+    ("test_resnet", 2, ["conv1", "bn1", "act1", "maxpool", "layer1"]),
+    ("test_convnext", 2, ["stem", "stages.0"]),
+])
+def test_frozen_modules_are_the_frozen_groups_in_order(architecture, count, names):
+    assert frozen_module_names(_frozen_model(architecture, count)) == names
+
+
+@pytest.mark.parametrize("architecture, count", [("test_efficientnet", 3), ("test_resnet", 2), ("test_convnext", 2)])
+def test_later_passes_start_from_the_kept_output_and_give_the_whole_models_features(tiny_data, architecture, count):
+    paths = sorted(tiny_data.rglob("*.png"))
+    model = _frozen_model(architecture, count)
+    prefix = FrozenPrefix(model, 1 << 30)
+    first = _features(model, paths, prefix)
+    assert prefix.kept_images == len(paths) and prefix.resumed_images == 0
+    assert torch.allclose(first, _features(model, paths), rtol=1e-5, atol=1e-6)
+    # Training changes the layers after the frozen ones: the next pass uses them as they are now.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(1.1).add_(0.01)
+    second = _features(model, paths, prefix)
+    assert prefix.resumed_images == len(paths)
+    assert not torch.allclose(second, first, rtol=1e-3)
+    assert torch.allclose(second, _features(model, paths), rtol=1e-5, atol=1e-6)
+
+
+def test_the_budget_keeps_what_fits_and_the_rest_runs_whole(tiny_data):
+    paths = sorted(tiny_data.rglob("*.png"))
+    model = _frozen_model("test_efficientnet", 3)
+    probe = FrozenPrefix(model, 1 << 30)
+    _features(model, paths[:1], probe)
+    one_image = probe.used
+    prefix = FrozenPrefix(model, 2 * one_image + one_image // 2)
+    _features(model, paths, prefix)
+    assert prefix.kept_images == 2 and prefix.used == 2 * one_image
+    again = _features(model, paths, prefix)
+    assert prefix.resumed_images == 2
+    assert torch.allclose(again, _features(model, paths), rtol=1e-5, atol=1e-6)
+
+
+class _InputAfterTheFrozenLayer(nn.Module):
+    """A model whose later layer reads the input image again: starting after the frozen layer is not the
+    same model."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.body = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward_features(self, x):
+        return self.body(self.stem(x)) + x.mean(dim=1, keepdim=True)
+
+    def forward_head(self, x, pre_logits=False):
+        return x.mean(dim=(2, 3))
+
+
+def test_a_model_the_split_does_not_fit_runs_whole(tiny_data):
+    paths = sorted(tiny_data.rglob("*.png"))
+    torch.manual_seed(0)
+    model = _InputAfterTheFrozenLayer().eval()
+    model.stem.requires_grad_(False)
+    prefix = FrozenPrefix(model, 1 << 30)
+    assert prefix.names == ["stem"]
+    features = _features(model, paths, prefix)
+    assert prefix.usable is False and prefix.kept_images == 0
+    assert torch.allclose(features, _features(model, paths), rtol=1e-5, atol=1e-6)
+    _features(model, paths, prefix)
+    assert prefix.resumed_images == 0
+
+
+@pytest.mark.parametrize("bn, refit", [("train", False), ("frozen", True)])
+def test_a_run_gives_the_same_numbers_with_the_kept_output_as_without(tiny_data, tiny_settings, tmp_path, monkeypatch,
+                                                                      bn, refit):
+    resumed = []
+    batch = FrozenPrefix.batch
+    monkeypatch.setattr(FrozenPrefix, "batch", lambda self, ids, device: resumed.append(len(ids)) or
+                        batch(self, ids, device))
+    settings = {**tiny_settings, "epochs": 3, "bn": bn, "refit_head": refit, "lr": 0.05}
+    kept = visiontune.train(tiny_data, out=str(tmp_path / "kept"), **settings)
+    # Epochs 2 and 3 start after the frozen layers: the 6 val images, and with the refit the 17 training ones.
+    assert sum(resumed) == 2 * (6 + (17 if refit else 0))
+    resumed.clear()
+    whole = visiontune.train(tiny_data, out=str(tmp_path / "whole"), frozen_cache_gb=0, **settings)
+    assert not resumed
+    # The val pass's random draw is kept too, so training sees the same crops in every epoch.
+    for a, b in zip(read_metrics(kept.path, timing=False), read_metrics(whole.path, timing=False), strict=True):
+        assert a["val_acc"] == b["val_acc"] and a["train_acc"] == b["train_acc"]
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-6)
+        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-5)
