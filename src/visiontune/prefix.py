@@ -87,6 +87,7 @@ class PrefixSplit:
         return features, self.captured
 
     def features_from(self, kept: torch.Tensor) -> torch.Tensor:
+        """The pooled features of the images whose frozen layers' output is `kept`."""
         self.kept.value = kept
         try:
             return pooled_features(self.rest, kept)
