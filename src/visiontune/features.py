@@ -325,9 +325,13 @@ def extract_features(
     if cache is not None or rt.distributed:
         prefix = None  # the pretrained model's features are cached on disk; ranks would each keep a shard
 
-    def split_of(folded: nn.Module) -> PrefixSplit | None:
+    def fold() -> None:
+        """`fast_model`, and with `prefix` its split, made on first need."""
+        nonlocal fast_model, split
+        fast_model = fast_model or fold_batchnorm(model, pre.size)
         # A model that could not be folded is the one being trained: no hook goes on it.
-        return prefix.split(folded, pre.size, channels_last) if folded is not model else None
+        if prefix and split is None and fast_model is not model:
+            split = prefix.split(fast_model, pre.size, channels_last)
     eval_tf, train_tf = EvalTransform(pre), TrainTransform(pre)
     identities = [file_identity(p) for p in paths]
     on_disk = cache is not None and not rt.distributed and views * len(paths) >= ON_DISK_MIN_ROWS
@@ -369,8 +373,7 @@ def extract_features(
                     release_freed_memory()
                 resumed = [i for i in chunk if view == 0 and prefix and prefix.has(identities[i])]
                 if resumed:
-                    fast_model = fast_model or fold_batchnorm(model, pre.size)
-                    split = split or split_of(fast_model)
+                    fold()
                 if split is not None and resumed:
                     with torch.inference_mode(), rt.autocast():
                         batch = prefix.batch([identities[i] for i in resumed], device)
@@ -394,9 +397,7 @@ def extract_features(
                         found[str(paths[i])] = unreadable_reason(exc)
                 if not kept:
                     continue
-                fast_model = fast_model or fold_batchnorm(model, pre.size)
-                if view == 0 and prefix and split is None:
-                    split = split_of(fast_model)
+                fold()
                 with torch.inference_mode(), rt.autocast():
                     batch = normalize_batch(torch.stack(images).to(device, non_blocking=True), pre, channels_last)
                     if view == 0 and split is not None:

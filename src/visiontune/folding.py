@@ -41,7 +41,7 @@ def fold_batchnorm(model: nn.Module, size: int = 64) -> nn.Module:
             setattr(parent, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
     with torch.inference_mode():
         device = next(model.parameters()).device
-        probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+        probe = check_batch(size, device)
         reference, candidate = pooled_features(model.eval(), probe), pooled_features(fused, probe)
     if not torch.allclose(reference, candidate, rtol=1e-3, atol=1e-4 * float(reference.abs().max()) + 1e-6):
         return model
@@ -59,3 +59,9 @@ def batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 def pooled_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """What the classifier sees: the backbone's pooled pre-logits features."""
     return model.forward_head(model.forward_features(inputs), pre_logits=True)
+
+
+def check_batch(size: int, device: torch.device | str = "cpu", channels_last: bool = False) -> torch.Tensor:
+    """Two seeded random images: what a rewritten copy of a model is checked on against the original."""
+    batch = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch

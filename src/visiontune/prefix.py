@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from .folding import pooled_features
+from .folding import check_batch, pooled_features
 
 
 def frozen_module_names(model: nn.Module) -> list[str]:
@@ -96,9 +96,7 @@ class PrefixSplit:
 
     def matches(self, size: int, device: torch.device, channels_last: bool) -> bool:
         """Whether starting from the kept output gives the whole model's features (a random batch)."""
-        probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-        if channels_last:
-            probe = probe.contiguous(memory_format=torch.channels_last)
+        probe = check_batch(size, device, channels_last)
         with torch.inference_mode():
             whole, kept = self.features_keeping(probe)
             if kept is None:
