@@ -357,7 +357,9 @@ def _print_error(exc: VisiontuneError) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .memory import reuse_freed_memory
 
+    reuse_freed_memory()
     try:
         return COMMANDS[args.command](args)
     except VisiontuneError as exc:

@@ -33,6 +33,7 @@ from .prefix import FrozenPrefix
 from .progress import progress_bar
 from .images import DecodeCache, decode_array, default_cache_dir, screen_images
 from .known.datasets import resolve_dataset
+from .memory import reuse_freed_memory
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
 from .recipes import (MixBatch, fit_probe, high_resolution_groups, inverse_frequency_weights, leading_group_parameters,
                       lr_multiplier, make_optimizer, make_sampler)
@@ -284,6 +285,7 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
     backbone = backbones.resolve(cfg.model)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    reuse_freed_memory()
     generator = seed_everything(cfg.seed)
     model, weights_source = backbones.build_classifier(cfg.model, len(splits.classes),
                                                        Path(cfg.weights) if cfg.weights else None)
