@@ -102,6 +102,32 @@ def test_python_dash_m_entry_point():
     assert result.returncode == 0 and "efficientnet_lite0" in result.stdout
 
 
+# The command as the console script runs it: cli.entry, with an atexit hook of the caller's.
+ENTRY = ("import atexit, sys; atexit.register(print, 'atexit ran'); sys.argv = ['visiontune', *sys.argv[1:]]; "
+         "from visiontune.cli import entry; entry()")
+
+
+def test_the_command_ends_quickly_but_with_its_exit_code_atexit_handlers_and_all_output(tmp_path):
+    listed = subprocess.run([sys.executable, "-c", ENTRY, "models"], capture_output=True, text=True, timeout=120)
+    from visiontune.backbones import REGISTRY
+
+    lines = listed.stdout.splitlines()
+    assert listed.returncode == 0 and lines[-1] == "atexit ran", listed.stdout + listed.stderr
+    assert [line.split()[0] for line in lines[1:1 + len(REGISTRY)]] == list(REGISTRY)
+    missing = subprocess.run([sys.executable, "-c", ENTRY, "train", str(tmp_path / "no-such-folder")],
+                             capture_output=True, text=True, timeout=120)
+    assert (missing.returncode, missing.stdout) == (2, "atexit ran\n")
+    assert missing.stderr.startswith("visiontune: error: DATA ") and "Traceback" not in missing.stderr
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback():
+    # `visiontune models | head -1`: the pipe closes before the listing is written.
+    process = subprocess.Popen([sys.executable, "-c", ENTRY, "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 1 and err == "", err
+
+
 def test_a_missing_data_path_is_said_before_torch_loads(tmp_path):
     # torch and timm take seconds to import (and do so in every process under torchrun): a typo in
     # the path is said without them.

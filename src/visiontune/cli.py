@@ -370,5 +370,33 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `visiontune` command (and `python -m visiontune`): main(), then the process ends without Python's
+    teardown of the modules it imported. Destroying torch's, timm's and their imports' objects one by one
+    costs 1.3 s after a bare import and 2.3 s after a training run on 2 cores, time in which the work is
+    done and every file is written and closed; the OS reclaims the memory at once. The atexit handlers
+    (logging, multiprocessing's children, torchrun's process group) still run, and the standard streams
+    are flushed. With a non-daemon thread still running, Python's own exit waits for it as usual."""
+    import atexit
+    import os
+    import threading
+
+    try:
+        code = main()
+    except BrokenPipeError:  # the reader went away (`visiontune models | head -2`): not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the final flush cannot fail
+        code = 1
+    code = 0 if code is None else code
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`visiontune models | head`): nothing more to say
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
