@@ -120,6 +120,13 @@ def test_the_command_ends_quickly_but_with_its_exit_code_atexit_handlers_and_all
     assert missing.stderr.startswith("visiontune: error: DATA ") and "Traceback" not in missing.stderr
 
 
+def test_a_profiler_still_gets_to_write_its_profile(tmp_path):
+    profile = tmp_path / "models.prof"
+    result = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "visiontune", "models"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and profile.stat().st_size > 0, result.stderr
+
+
 def test_a_reader_that_goes_away_is_not_a_traceback():
     # `visiontune models | head -1`: the pipe closes before the listing is written.
     process = subprocess.Popen([sys.executable, "-c", ENTRY, "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

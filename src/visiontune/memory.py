@@ -9,7 +9,7 @@ _M_MMAP_THRESHOLD = -3
 # Blocks up to this size come from the heap and stay there when freed. A training step frees and
 # allocates the same activation and gradient buffers (tens to hundreds of MB at batch 32-64) every step;
 # with glibc's default (at most 32 MB, then a fresh mmap per block) each step returns them to the
-# kernel and faults them in again, zeroed page by page: on 2 Intel cores that was a quarter of a
+# kernel and faults them in again, zeroed page by page: on 2 Intel cores that was a fifth of a
 # hymenoptera run's CPU time spent in the kernel (sys 15 s of 81 s).
 _REUSE_UP_TO = 1 << 30
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")
