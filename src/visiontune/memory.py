@@ -1,6 +1,7 @@
 """glibc's allocator on CPU training: keep large freed blocks for reuse within a phase, hand them back
 to the OS between phases."""
 
+import functools
 import os
 
 # mallopt's parameter numbers (glibc's malloc.h).
@@ -26,24 +27,29 @@ def reuse_freed_memory() -> bool:
         return True
     if any(name in os.environ for name in _USER_SETTINGS):
         return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _glibc()
+    if libc is not None:
         # Setting either threshold turns off glibc's own adjustment of both, so set both.
         _applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, _REUSE_UP_TO)
                         and libc.mallopt(_M_TRIM_THRESHOLD, _REUSE_UP_TO))
-    except (OSError, AttributeError):
-        pass  # not glibc: its allocator does its own thing
     return _applied
 
 
 def release_freed_memory() -> None:
     """Hand memory freed by the last phase back to the OS (glibc keeps it otherwise), so the
     peaks of backward and evaluation do not add up in the resident set."""
-    try:
-        import ctypes
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
+
+@functools.cache
+def _glibc():
+    """glibc, or None where the C library is another (musl, macOS): its allocator does its own thing."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
