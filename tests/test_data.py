@@ -153,6 +153,22 @@ def test_decode_cache_bound_streams_past_it(tmp_path):
     assert np.array_equal(np.asarray(cache(tmp_path / "2.png")), decode_array(tmp_path / "2.png", 32))
 
 
+def test_decode_cache_pickles_with_its_budget(tmp_path):
+    # A loader worker started by spawn or forkserver gets a pickled copy; the cache holds a lock (a batch is
+    # decoded on several threads), which does not pickle itself.
+    import pickle
+
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        make_image(tmp_path / f"{i}.png", 0, rng, size=(64, 64))
+    cache = DecodeCache(32, directory=tmp_path / "cache", max_bytes=32 * 32 * 3)
+    cache(tmp_path / "0.png")
+    copy = pickle.loads(pickle.dumps(cache))
+    assert copy.bytes_written == cache.bytes_written == 32 * 32 * 3
+    assert np.array_equal(np.asarray(copy(tmp_path / "1.png")), decode_array(tmp_path / "1.png", 32))
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 1  # the copy's budget was spent too
+
+
 @pytest.mark.parametrize("decode_cache", [True, False])
 def test_loader_workers_give_the_same_batches_as_the_main_process(tmp_path, decode_cache):
     # Workers decode and crop; with the eval transform (no randomness) their batches must be exactly the

@@ -187,6 +187,46 @@ def test_feature_cache_reuses_entries_and_re_extracts_a_changed_file(tiny_data, 
 
 
 
+def test_feature_extraction_decodes_each_batch_on_torchs_threads_and_keeps_the_order(tiny_data, tiny_settings,
+                                                                                     tmp_path):
+    import threading
+
+    from visiontune.backbones import build_classifier, data_config
+    from visiontune.features import extract_features
+    from visiontune.folding import pooled_features
+    from visiontune.images import decode_array
+    from visiontune.preprocess import EvalTransform, Preprocessing, normalize_batch
+
+    model, _ = build_classifier("test_efficientnet", 2, Path(tiny_settings["weights"]))
+    pre = Preprocessing.from_data_config(data_config(model), 48)
+    paths = sorted((tiny_data / "train").rglob("*.png"))[:7]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    paths.insert(3, bad)
+    threads = set()
+
+    def slow_decode(path):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.02)  # long enough that both threads take part
+        return decode_array(path, pre.resize)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        features, failed = extract_features(model, paths, slow_decode, pre, 1, 0, None, batch_size=4,
+                                            channels_last=False)
+    finally:
+        torch.set_num_threads(before)
+    assert len(threads) == 2 and threading.current_thread().name not in threads
+    assert list(failed) == [str(bad)]
+    good = [p for p in paths if p != bad]
+    with torch.inference_mode():
+        reference = pooled_features(model.eval(), normalize_batch(
+            torch.stack([EvalTransform(pre)(decode_array(p, pre.resize)) for p in good]), pre))
+    assert features.shape[1] == len(good)
+    torch.testing.assert_close(features[0], reference, rtol=1e-4, atol=1e-4)
+
+
 def test_feature_cache_adds_a_part_per_save_and_merges_past_the_limit(tmp_path, monkeypatch):
     import numpy as np
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -348,91 +349,112 @@ def extract_features(
         return out
 
     failed: dict[str, str] = {}
-    for view in range(views):
-        if on_disk:
-            cached = cache.locate(view, seed, identities)[0]
-        else:
-            cached, cached_rows = rt.broadcast(cache.load(view, seed, identities) if cache and rt.is_main else ([], None))
-            if cached:
-                rows_of(cached_rows.shape[1])[view, cached] = cached_rows
-            del cached_rows
-        known = set(cached)
-        missing = [i for i in range(len(paths)) if i not in known and str(paths[i]) not in failed]
-        mine = rt.shard(missing)
-        position = {i: n for n, i in enumerate(mine)}  # a computed row's place in a new on-disk part
-        writer: PartWriter | None = None
-        computed: list[int] = []  # indices into paths whose rows were computed here
-        found: dict[str, str] = {}
-        chunks = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    # Each batch's images are decoded on as many threads as torch computes with, then the batch goes
+    # through the model: decoding one image after another left a core idle for a third of a first run's
+    # pass (hymenoptera, 2 cores). Pillow decodes and resizes without the GIL. Decoding on one thread
+    # while the model ran on the previous batch gained nothing: the model already keeps both cores busy.
+    decoder = ThreadPoolExecutor(max(1, min(8, torch.get_num_threads())), thread_name_prefix="visiontune-decode")
+
+    def decoded_or_error(i: int) -> np.ndarray | Exception:
         try:
-            for number, chunk in enumerate(progress(iter(chunks), len(chunks), f"features view {view}")):
-                if number % 16 == 15:
-                    # glibc keeps freed decode and batch buffers: over 40 000 images at 96 px the resident
-                    # set grew by 0.3 GB more than the features. A trim per batch kept it lower still, but
-                    # its page faults cost 20% of the pass's speed; one per 16 batches does not show.
-                    release_freed_memory()
-                resumed = [i for i in chunk if view == 0 and prefix and prefix.has(identities[i])]
-                if resumed:
+            return decode(paths[i])
+        except Exception as exc:  # raised again on this thread, where failures are recorded
+            return exc
+
+    try:
+        for view in range(views):
+            if on_disk:
+                cached = cache.locate(view, seed, identities)[0]
+            else:
+                loaded = cache.load(view, seed, identities) if cache and rt.is_main else ([], None)
+                cached, cached_rows = rt.broadcast(loaded)
+                del loaded
+                if cached:
+                    rows_of(cached_rows.shape[1])[view, cached] = cached_rows
+                del cached_rows
+            known = set(cached)
+            missing = [i for i in range(len(paths)) if i not in known and str(paths[i]) not in failed]
+            mine = rt.shard(missing)
+            position = {i: n for n, i in enumerate(mine)}  # a computed row's place in a new on-disk part
+            writer: PartWriter | None = None
+            computed: list[int] = []  # indices into paths whose rows were computed here
+            found: dict[str, str] = {}
+            chunks = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+            try:
+                for number, chunk in enumerate(progress(iter(chunks), len(chunks), f"features view {view}")):
+                    if number % 16 == 15:
+                        # glibc keeps freed decode and batch buffers: over 40 000 images at 96 px the resident
+                        # set grew by 0.3 GB more than the features. A trim per batch kept it lower still, but
+                        # its page faults cost 20% of the pass's speed; one per 16 batches does not show.
+                        release_freed_memory()
+                    resumed = [i for i in chunk if view == 0 and prefix and prefix.has(identities[i])]
+                    if resumed:
+                        fold()
+                    if split is not None and resumed:
+                        with torch.inference_mode(), rt.autocast():
+                            batch = prefix.batch([identities[i] for i in resumed], device)
+                            feats = split.features_from(batch).float().cpu().numpy()
+                        dim = feats.shape[1]
+                        rows_of(dim)[view, resumed] = feats
+                        computed += resumed
+                        resumed_set = set(resumed)
+                        chunk = [i for i in chunk if i not in resumed_set]
+                    images, kept = [], []
+                    # The transforms stay on this thread (the random ones draw from torch's global generator).
+                    for i, image in zip(chunk, decoder.map(decoded_or_error, chunk)):
+                        try:
+                            if isinstance(image, Exception):
+                                raise image
+                            if view == 0:
+                                images.append(eval_tf(image))
+                            else:
+                                with torch.random.fork_rng(devices=[]):
+                                    torch.manual_seed(_seed_for(seed, view, identities[i]))
+                                    images.append(train_tf(image))
+                            kept.append(i)
+                        except Exception as exc:  # any failure to read or decode leaves the image out
+                            found[str(paths[i])] = unreadable_reason(exc)
+                    if not kept:
+                        continue
                     fold()
-                if split is not None and resumed:
                     with torch.inference_mode(), rt.autocast():
-                        batch = prefix.batch([identities[i] for i in resumed], device)
-                        feats = split.features_from(batch).float().cpu().numpy()
-                    dim = feats.shape[1]
-                    rows_of(dim)[view, resumed] = feats
-                    computed += resumed
-                    resumed_set = set(resumed)
-                    chunk = [i for i in chunk if i not in resumed_set]
-                images, kept = [], []
-                for i in chunk:
-                    try:
-                        if view == 0:
-                            images.append(eval_tf(decode(paths[i])))
+                        batch = normalize_batch(torch.stack(images).to(device, non_blocking=True), pre, channels_last)
+                        if view == 0 and split is not None:
+                            feats, frozen_output = split.features_keeping(batch)
+                            prefix.keep([identities[i] for i in kept], frozen_output)
+                            feats = feats.float().cpu().numpy()
                         else:
-                            with torch.random.fork_rng(devices=[]):
-                                torch.manual_seed(_seed_for(seed, view, identities[i]))
-                                images.append(train_tf(decode(paths[i])))
-                        kept.append(i)
-                    except Exception as exc:  # any failure to read or decode leaves the image out
-                        found[str(paths[i])] = unreadable_reason(exc)
-                if not kept:
-                    continue
-                fold()
-                with torch.inference_mode(), rt.autocast():
-                    batch = normalize_batch(torch.stack(images).to(device, non_blocking=True), pre, channels_last)
-                    if view == 0 and split is not None:
-                        feats, frozen_output = split.features_keeping(batch)
-                        prefix.keep([identities[i] for i in kept], frozen_output)
-                        feats = feats.float().cpu().numpy()
+                            feats = pooled_features(fast_model, batch).float().cpu().numpy()
+                    dim = feats.shape[1]
+                    if on_disk:
+                        writer = writer or cache.new_part(view, seed, len(mine), dim)
+                        writer.write([position[i] for i in kept], [identities[i] for i in kept], feats)
                     else:
-                        feats = pooled_features(fast_model, batch).float().cpu().numpy()
-                dim = feats.shape[1]
-                if on_disk:
-                    writer = writer or cache.new_part(view, seed, len(mine), dim)
-                    writer.write([position[i] for i in kept], [identities[i] for i in kept], feats)
-                else:
-                    rows_of(dim)[view, kept] = feats
-                computed += kept
-        except BaseException:
+                        rows_of(dim)[view, kept] = feats
+                    computed += kept
+            except BaseException:
+                if writer is not None:
+                    writer.discard()
+                raise
             if writer is not None:
-                writer.discard()
-            raise
-        if writer is not None:
-            writer.finish()
-        if rt.distributed and missing:
-            parts = rt.all_gather(({identities[i]: out[view, i] for i in computed}, found))
-            by_identity = {k: v for part, _ in parts for k, v in part.items()}
-            found = {k: v for _, part in parts for k, v in part.items()}
-            computed = [i for i in missing if identities[i] in by_identity]
-            for i in computed:
-                rows_of(len(by_identity[identities[i]]))[view, i] = by_identity[identities[i]]
-            del by_identity
-        failed.update(found)
-        if not on_disk and cache and computed and rt.is_main:
-            every_row_new = len(computed) == len(paths)  # then out[view] is the rows, without a copy
-            cache.save(view, seed, [identities[i] for i in computed], out[view], None if every_row_new else computed)
-        if len(paths) > 4 * batch_size:
-            release_freed_memory()  # the pass's decode and batch buffers, before the next view or the head
+                writer.finish()
+            if rt.distributed and missing:
+                parts = rt.all_gather(({identities[i]: out[view, i] for i in computed}, found))
+                by_identity = {k: v for part, _ in parts for k, v in part.items()}
+                found = {k: v for _, part in parts for k, v in part.items()}
+                computed = [i for i in missing if identities[i] in by_identity]
+                for i in computed:
+                    rows_of(len(by_identity[identities[i]]))[view, i] = by_identity[identities[i]]
+                del by_identity
+            failed.update(found)
+            if not on_disk and cache and computed and rt.is_main:
+                every_row_new = len(computed) == len(paths)  # then out[view] is the rows, without a copy
+                cache.save(view, seed, [identities[i] for i in computed], out[view],
+                           None if every_row_new else computed)
+            if len(paths) > 4 * batch_size:
+                release_freed_memory()  # the pass's decode and batch buffers, before the next view or the head
+    finally:
+        decoder.shutdown(wait=True, cancel_futures=True)
     keep = [i for i, p in enumerate(paths) if str(p) not in failed]
     # In the order of `paths`, whichever rank found them.
     failures = {str(p): failed[str(p)] for p in paths if str(p) in failed}

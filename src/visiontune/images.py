@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,6 +140,14 @@ class DecodeCache:
         self.directory = (directory or default_cache_dir()) / "decoded"
         self.max_bytes = max_bytes
         self.bytes_written = 0
+        self._budget = threading.Lock()  # feature extraction decodes a batch on several threads
+
+    def __getstate__(self) -> dict:  # a loader worker started by spawn gets a copy: a lock does not pickle
+        return {k: v for k, v in self.__dict__.items() if k != "_budget"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._budget = threading.Lock()
 
     def _entry(self, path: str | Path) -> Path:
         key = hashlib.sha256(f"{file_identity(path)}|{self.short_side}|{self.interpolation}|v1".encode()).hexdigest()
@@ -165,10 +174,13 @@ class DecodeCache:
             except OSError:
                 pass
             raise
-        if self.bytes_written + array.nbytes <= self.max_bytes:
+        with self._budget:
+            fits = self.bytes_written + array.nbytes <= self.max_bytes
+            if fits:
+                self.bytes_written += array.nbytes
+        if fits:
             try:
                 atomic_write(entry, lambda f: np.save(f, array), durable=False)
-                self.bytes_written += array.nbytes
             except OSError:
                 self.max_bytes = 0  # cache folder not writable: stream from now on
         return array
