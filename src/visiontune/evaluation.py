@@ -53,6 +53,7 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
 
     from . import runtime
     from .engine import evaluate
+    from .features import batch_decoder
     from .folding import fold_batchnorm
     from .images import decode_array
     from .preprocess import EvalTransform, Preprocessing, normalize_batch
@@ -83,10 +84,11 @@ def evaluate_run(run: str | Path, data: str | Path | None = None, split: str = "
     labels = label_tensor(items, len(classes))
 
     def batches():
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
-            yield (torch.stack([transform(decode_array(items[i][0], pre.resize, pre.interpolation)) for i in chunk]),
-                   labels[chunk])
+        with batch_decoder() as pool:
+            for start in range(0, len(mine), batch_size):
+                chunk = mine[start : start + batch_size]
+                decoded = pool.map(lambda i: decode_array(items[i][0], pre.resize, pre.interpolation), chunk)
+                yield torch.stack([transform(image) for image in decoded]), labels[chunk]
 
     model = fold_batchnorm(model, pre.size)
     out = evaluate(model, batches(), lambda x: normalize_batch(x, pre, channels_last), keep_outputs=True,

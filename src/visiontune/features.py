@@ -34,6 +34,15 @@ from .prefix import FrozenPrefix, PrefixSplit
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
 
 
+def batch_decoder() -> ThreadPoolExecutor:
+    """Threads that decode a batch's images before the batch goes through the model: as many as torch
+    computes with (at most 8). Pillow decodes and resizes without the GIL. Decoded one after another, a
+    core sat idle for a third of a first run's features pass (hymenoptera, 2 cores); decoding the next
+    batch on one thread while the model ran on this one gained nothing, as the model keeps both cores
+    busy (docs/performance.md)."""
+    return ThreadPoolExecutor(max(1, min(8, torch.get_num_threads())), thread_name_prefix="visiontune-decode")
+
+
 def _seed_for(seed: int, view: int, identity: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}|{view}|{identity}".encode()).digest()[:8], "little") >> 1
 
@@ -349,11 +358,7 @@ def extract_features(
         return out
 
     failed: dict[str, str] = {}
-    # Each batch's images are decoded on as many threads as torch computes with, then the batch goes
-    # through the model: decoding one image after another left a core idle for a third of a first run's
-    # pass (hymenoptera, 2 cores). Pillow decodes and resizes without the GIL. Decoding on one thread
-    # while the model ran on the previous batch gained nothing: the model already keeps both cores busy.
-    decoder = ThreadPoolExecutor(max(1, min(8, torch.get_num_threads())), thread_name_prefix="visiontune-decode")
+    decoder = batch_decoder()
 
     def decoded_or_error(i: int) -> np.ndarray | Exception:
         try:
