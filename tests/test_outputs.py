@@ -134,6 +134,37 @@ def test_python_load_predict(tiny_run, tiny_data):
     assert all(len(r["top_k"]) == 2 for r in results)  # top_k default (3) = the CLI's, capped by 2 classes
 
 
+def test_predict_holds_one_batch_of_inputs_at_a_time(tiny_run, tiny_data, tmp_path):
+    # A folder of 10 000 images was preprocessed whole before the first batch ran (6 GB at 224 px).
+    model = visiontune.load(tiny_run.path)
+    paths = sorted((tiny_data / "train").rglob("*.png"))[:10]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    paths.insert(2, bad)
+    expected = [model.predict(p) for p in paths]
+    preprocess, backend = model.preprocess, model.backend
+    done, ahead = [], []  # images preprocessed so far; at each batch, how many were not yet classified
+    classified = [0]
+
+    def counting_preprocess(item):
+        done.append(item)
+        return preprocess(item)
+
+    def counting_backend(batch):
+        ahead.append(len(done) - classified[0])
+        classified[0] = len(done)
+        return backend(batch)
+
+    model.preprocess, model.backend = counting_preprocess, counting_backend
+    results = model.predict(paths, batch_size=4)
+    assert len(ahead) == 3 and max(ahead) <= 2 * 4
+    assert [r.get("label") for r in results] == [r.get("label") for r in expected]
+    assert "error" in results[2] and results[2]["path"] == str(bad)
+    for got, want in zip(results, expected):
+        for c in want.get("probs", {}):
+            assert abs(got["probs"][c] - want["probs"][c]) <= 1e-6
+
+
 def test_predict_from_memory_matches_the_file(tiny_run, tiny_data, tmp_path):
     """The same image as a path, bytes, a file object, a PIL image and an HWC uint8 array."""
     from PIL import Image

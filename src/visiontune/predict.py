@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,17 +101,44 @@ class Predictor:
         results: list[dict | None] = [None] * len(items)
         names = [describe_input(item) for item in items]
         key = ["path" if isinstance(item, (str, Path)) else "input" for item in items]
-        ready: list[tuple[int, np.ndarray]] = []
-        for index, item in enumerate(items):
+
+        def preprocessed(index: int) -> np.ndarray | Exception:
             try:
-                ready.append((index, self.preprocess(item)))
+                return self.preprocess(items[index])
             except Exception as exc:  # any unreadable image: reported, the rest still classified
-                results[index] = {key[index]: names[index], "error": f"cannot read image: {exc}".splitlines()[0]}
-        for start in range(0, len(ready), batch_size):
-            chunk = ready[start : start + batch_size]
-            probs = self.probabilities(np.stack([x for _, x in chunk]).astype(np.float32), tta)
-            for (index, _), p in zip(chunk, probs):
+                return exc
+
+        def classify(ready: list[tuple[int, np.ndarray]]) -> None:
+            probs = self.probabilities(np.stack([x for _, x in ready]).astype(np.float32), tta)
+            for (index, _), p in zip(ready, probs):
                 results[index] = {key[index]: names[index], **self.describe(p, top_k)}
+
+        # A batch at a time, so memory holds one batch of inputs however many images are given (the
+        # whole list preprocessed first took 0.6 MB an image at 224 px: 6 GB for 10 000). Batches are made
+        # of readable images, as many as batch_size. Files and bytes are decoded on several threads (Pillow
+        # releases the GIL); PIL images and file objects on this one (one object may be given twice).
+        workers = min(8, os.cpu_count() or 1, len(items))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="visiontune-decode") if workers > 1 else None
+        try:
+            ready: list[tuple[int, np.ndarray]] = []
+            for start in range(0, len(items), batch_size):
+                indices = range(start, min(start + batch_size, len(items)))
+                ahead = {i: pool.submit(preprocessed, i) for i in indices
+                         if pool and isinstance(items[i], (str, Path, bytes, bytearray))}
+                for index in indices:
+                    x = ahead[index].result() if index in ahead else preprocessed(index)
+                    if isinstance(x, Exception):
+                        results[index] = {key[index]: names[index], "error": f"cannot read image: {x}".splitlines()[0]}
+                    else:
+                        ready.append((index, x))
+                    if len(ready) == batch_size:
+                        classify(ready)
+                        ready = []
+            if ready:
+                classify(ready)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         return results[0] if single else results
 
 
