@@ -48,6 +48,28 @@ def test_frozen_modules_are_the_frozen_groups_in_order(architecture, count, name
     assert frozen_module_names(_frozen_model(architecture, count)) == names
 
 
+@pytest.mark.parametrize("architecture, count", [("test_efficientnet", 3), ("test_resnet", 2)])
+def test_the_groups_to_freeze_name_the_same_modules_before_they_are_frozen(architecture, count):
+    # The probe's pass keeps the output before the full stage freezes anything.
+    import timm
+
+    model = timm.create_model(architecture, num_classes=2)
+    assert frozen_module_names(model) == []
+    assert frozen_module_names(model, leading_group_parameters(model, count)) == \
+        frozen_module_names(_frozen_model(architecture, count))
+
+
+def test_keep_only_drops_the_other_images_and_their_bytes(tiny_data):
+    paths = sorted(tiny_data.rglob("*.png"))[:3]
+    model = _frozen_model("test_efficientnet", 3)
+    prefix = FrozenPrefix(model, 1 << 30)
+    _features(model, paths, prefix)
+    one_image = prefix.used // 3
+    kept = next(iter(prefix.outputs))
+    prefix.keep_only({kept})
+    assert list(prefix.outputs) == [kept] and prefix.used == one_image and prefix.kept_images == 1
+
+
 @pytest.mark.parametrize("architecture, count", [("test_efficientnet", 3), ("test_resnet", 2), ("test_convnext", 2)])
 def test_later_passes_start_from_the_kept_output_and_give_the_whole_models_features(tiny_data, architecture, count):
     paths = sorted(tiny_data.rglob("*.png"))
@@ -118,14 +140,21 @@ def test_a_run_gives_the_same_numbers_with_the_kept_output_as_without(tiny_data,
     monkeypatch.setattr(FrozenPrefix, "batch", lambda self, ids, device: resumed.append(len(ids)) or
                         batch(self, ids, device))
     settings = {**tiny_settings, "epochs": 3, "bn": bn, "refit_head": refit, "lr": 0.05}
+    passed_per_epoch = 6 + (17 if refit else 0)  # the val images, and with the refit the training ones
+    # A first run (empty feature cache): the probe's pass computed the frozen layers' output (they are the
+    # pretrained ones), so every fine-tuning epoch starts after them.
     kept = visiontune.train(tiny_data, out=str(tmp_path / "kept"), **settings)
-    # Epochs 2 and 3 start after the frozen layers: the 6 val images, and with the refit the 17 training ones.
-    assert sum(resumed) == 2 * (6 + (17 if refit else 0))
+    assert sum(resumed) == 3 * passed_per_epoch
+    resumed.clear()
+    # Again, on the cached features: the probe computes nothing, the first epoch keeps the output.
+    again = visiontune.train(tiny_data, out=str(tmp_path / "again"), **settings)
+    assert sum(resumed) == 2 * passed_per_epoch
     resumed.clear()
     whole = visiontune.train(tiny_data, out=str(tmp_path / "whole"), frozen_cache_gb=0, **settings)
     assert not resumed
     # The val pass's random draw is kept too, so training sees the same crops in every epoch.
-    for a, b in zip(read_metrics(kept.path, timing=False), read_metrics(whole.path, timing=False), strict=True):
-        assert a["val_acc"] == b["val_acc"] and a["train_acc"] == b["train_acc"]
-        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-6)
-        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-5)
+    for run in (kept, again):
+        for a, b in zip(read_metrics(run.path, timing=False), read_metrics(whole.path, timing=False), strict=True):
+            assert a["val_acc"] == b["val_acc"] and a["train_acc"] == b["train_acc"]
+            assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-6)
+            assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-5)

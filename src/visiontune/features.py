@@ -320,8 +320,9 @@ def extract_features(
     With several processes (torchrun), rank 0's cache decides what is missing, each rank computes
     every world_size-th missing image, and the results are gathered on every rank: N devices extract
     N times faster, and all ranks end with the same features and the same failures.
-    `prefix` (one process, a model being fine-tuned with --freeze): view 0's images whose frozen layers'
-    output it holds start after those layers, undecoded; the others' output is kept for the next pass.
+    `prefix` (one process, --freeze's frozen layers: of the model being fine-tuned, or the pretrained
+    model's, which are the same): view 0's images whose frozen layers' output it holds start after those
+    layers, undecoded; the others' output is kept for the next pass.
     One process with a cache and at least ON_DISK_MIN_ROWS rows writes each batch's rows into a new
     cache part as it goes and returns FeaturesOnDisk over the parts: the rows are never all in memory.
     """
@@ -332,8 +333,8 @@ def extract_features(
     model.eval()
     fast_model = None  # folded lazily: only when something is missing from the cache
     split: PrefixSplit | None = None
-    if cache is not None or rt.distributed:
-        prefix = None  # the pretrained model's features are cached on disk; ranks would each keep a shard
+    if rt.distributed:
+        prefix = None  # ranks would each keep a shard
 
     def fold() -> None:
         """`fast_model`, and with `prefix` its split, made on first need."""

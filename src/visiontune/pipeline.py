@@ -31,7 +31,7 @@ from .errors import DataError, UsageError
 from .features import FeatureBatches, FeatureCache, extract_features
 from .prefix import FrozenPrefix
 from .progress import progress_bar
-from .images import DecodeCache, decode_array, default_cache_dir, screen_images
+from .images import DecodeCache, decode_array, default_cache_dir, file_identity, screen_images
 from .known.datasets import resolve_dataset
 from .memory import reuse_freed_memory
 from .preprocess import EvalTransform, Preprocessing, TrainTransform, normalize_batch
@@ -149,6 +149,9 @@ class Setup:
     """Unreadable images left out and not yet said (one warning per epoch that met any)."""
     unread: dict[str, str] = field(default_factory=dict)
     """Unreadable images met by the image loaders this epoch, not yet excluded (see exclude_unread)."""
+    frozen_outputs: FrozenPrefix | None = None
+    """--freeze's frozen layers' output, kept from the first pass that computes it (on a first run the
+    probe's: those layers are the pretrained ones), for the full stage's val and refit passes."""
 
     def exclude(self, found: dict[str, str]) -> None:
         """Leave unreadable images out of every split from now on; every rank must pass the same ones."""
@@ -208,6 +211,10 @@ class Setup:
         cache = FeatureCache(self.cache_dir, {
             "arch": self.backbone.timm_name, "weights": self.weights_source, "pre": self.pre.to_json(),
             "channels_last": self.cfg.channels_last, "folded_bn": True, "precision": self.rt.precision})
+        if model is None and views == 1:
+            # The pretrained model's frozen layers are the ones fine-tuning keeps: what this pass computes of
+            # them (the images missing from the feature cache) serves the full stage's first passes too.
+            prefix = self.frozen_outputs
         features, failed = extract_features(self.model if model is None else model, [p for p, _ in items],
                                             self.decode, self.pre, views, self.cfg.seed,
                                             cache if self.cfg.feature_cache and model is None else None,
@@ -319,10 +326,20 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
             raise DataError(f"{len(bad)} image(s) cannot be used, e.g. {first[0]}: {first[1]}; fix or remove "
                             "them (visiontune doctor DATA lists all), or drop --strict to leave them out.")
     excluded: dict[str, str] = {}
+    frozen_outputs = None
+    if _keeps_frozen_outputs(cfg, rt) and cfg.mode != "fixed":
+        budget = int(cfg.frozen_cache_gb * (1 << 30))
+        frozen_outputs = FrozenPrefix(model, budget, leading_group_parameters(model, freeze))
     return Setup(cfg=cfg, rt=rt, splits=splits, model=model, backbone=backbone, weights_source=weights_source,
                  head_from_init=head_from_init,
                  pre=pre, decode=decode, cache_dir=cache_dir, generator=generator, progress=progress,
-                 excluded=excluded, size_decision=size_decision, freeze_decision=freeze_decision)
+                 excluded=excluded, size_decision=size_decision, freeze_decision=freeze_decision,
+                 frozen_outputs=frozen_outputs)
+
+
+def _keeps_frozen_outputs(cfg: TrainConfig, rt) -> bool:
+    # Under torchrun each rank evaluates its own shard of the images: they go through the whole model.
+    return bool(cfg.freeze) and cfg.frozen_cache_gb > 0 and not rt.distributed
 
 
 def _choose_freeze(cfg: TrainConfig, model: nn.Module) -> tuple[int, str | None]:
@@ -499,9 +516,11 @@ def full_stage(s: Setup, epochs: int) -> Stage:
                                                           strength=cfg.augment))
     steps = math.ceil(len(train_batches) / cfg.accumulate)
     mix = MixBatch(len(s.classes), cfg.mixup, cfg.cutmix) if cfg.mixup > 0 or cfg.cutmix > 0 else None
-    # Under torchrun each rank evaluates its own shard of the images: they go through the whole model.
-    prefix = FrozenPrefix(model, int(cfg.frozen_cache_gb * (1 << 30))) \
-        if cfg.freeze and cfg.frozen_cache_gb > 0 and not s.rt.distributed else None
+    prefix = FrozenPrefix(model, int(cfg.frozen_cache_gb * (1 << 30))) if _keeps_frozen_outputs(cfg, s.rt) else None
+    if prefix is not None and s.frozen_outputs is not None and s.frozen_outputs.names == prefix.names:
+        prefix = s.frozen_outputs
+        # The stage reads the val images' output, and the training images' only to refit the head.
+        prefix.keep_only({file_identity(p) for p, _ in s.val_items + (s.train_items if cfg.refit_head else [])})
     return Stage("full", epochs, cfg.lr, model, _wrap(s, model), train_batches, image_val_batches(s), s.prepare,
                  frozen, optimizer, _scheduler(cfg, optimizer, steps, epochs), steps, on_features=False, mix=mix,
                  scaler=s.rt.grad_scaler(), ema=WeightAverage(model, cfg.ema_epochs, steps) if cfg.ema_epochs else None,

@@ -22,18 +22,22 @@ from torch import nn
 from .folding import check_batch, pooled_features
 
 
-def frozen_module_names(model: nn.Module) -> list[str]:
-    """The largest modules whose parameters are all frozen (requires_grad off), in registration order,
-    with the modules without parameters between two of them (ResNet's act1 and maxpool): on EfficientNet
-    with --freeze 3, conv_stem, bn1, blocks.0 and blocks.1."""
+def frozen_module_names(model: nn.Module, frozen: list[nn.Parameter] | None = None) -> list[str]:
+    """The largest modules whose parameters are all frozen (requires_grad off, or the given `frozen`), in
+    registration order, with the modules without parameters between two of them (ResNet's act1 and
+    maxpool): on EfficientNet with --freeze 3, conv_stem, bn1, blocks.0 and blocks.1."""
     names: list[str] = []
+    frozen_ids = {id(p) for p in frozen} if frozen is not None else None
+
+    def trains(p: nn.Parameter) -> bool:
+        return p.requires_grad if frozen_ids is None else id(p) not in frozen_ids
 
     def state(module: nn.Module) -> str:
         params = list(module.parameters())
         if not params:
             return "none"
-        return "trained" if all(p.requires_grad for p in params) else \
-            "frozen" if not any(p.requires_grad for p in params) else "mixed"
+        return "trained" if all(trains(p) for p in params) else \
+            "frozen" if not any(trains(p) for p in params) else "mixed"
 
     def visit(module: nn.Module, name: str) -> None:
         children = [(f"{name}.{child_name}" if name else child_name, child, state(child))
@@ -111,8 +115,9 @@ class FrozenPrefix:
     Valid for one stage of one run: the frozen modules must keep their weights and statistics (training
     keeps them in eval mode and out of the optimizer; an EMA of constant weights is the same weights)."""
 
-    def __init__(self, model: nn.Module, budget_bytes: int):
-        self.names = frozen_module_names(model)
+    def __init__(self, model: nn.Module, budget_bytes: int, frozen: list[nn.Parameter] | None = None):
+        # `frozen`: the parameters the full stage will freeze, before it has (the probe's pass keeps outputs).
+        self.names = frozen_module_names(model, frozen)
         self.budget, self.used = budget_bytes, 0
         self.outputs: dict[str, torch.Tensor] = {}
         self.usable: bool | None = None  # decided by the first split's check
@@ -136,6 +141,13 @@ class FrozenPrefix:
 
     def has(self, identity: str) -> bool:
         return identity in self.outputs
+
+    def keep_only(self, identities: set[str]) -> None:
+        """Drop the outputs of images no later pass will read."""
+        for identity in [i for i in self.outputs if i not in identities]:
+            output = self.outputs.pop(identity)
+            self.used -= output.numel() * output.element_size()
+            self.kept_images -= 1
 
     def keep(self, identities: list[str], outputs: torch.Tensor) -> None:
         """Keep each image's output while the budget lasts (the images past it are computed each time)."""
