@@ -521,6 +521,7 @@ def full_stage(s: Setup, epochs: int) -> Stage:
         prefix = s.frozen_outputs
         # The stage reads the val images' output, and the training images' only to refit the head.
         prefix.keep_only({file_identity(p) for p, _ in s.val_items + (s.train_items if cfg.refit_head else [])})
+    s.frozen_outputs = None  # the stage holds what it uses
     return Stage("full", epochs, cfg.lr, model, _wrap(s, model), train_batches, image_val_batches(s), s.prepare,
                  frozen, optimizer, _scheduler(cfg, optimizer, steps, epochs), steps, on_features=False, mix=mix,
                  scaler=s.rt.grad_scaler(), ema=WeightAverage(model, cfg.ema_epochs, steps) if cfg.ema_epochs else None,
