@@ -29,7 +29,7 @@ from .data import Splits, discover, label_tensor, train_loader, val_loader
 from .engine import EvalOutput, evaluate
 from .errors import DataError, UsageError
 from .features import FeatureBatches, FeatureCache, extract_features
-from .prefix import FrozenPrefix
+from .prefix import FrozenPrefix, frozen_module_names
 from .progress import progress_bar
 from .images import DecodeCache, decode_array, default_cache_dir, file_identity, screen_images
 from .known.datasets import resolve_dataset
@@ -516,12 +516,14 @@ def full_stage(s: Setup, epochs: int) -> Stage:
                                                           strength=cfg.augment))
     steps = math.ceil(len(train_batches) / cfg.accumulate)
     mix = MixBatch(len(s.classes), cfg.mixup, cfg.cutmix) if cfg.mixup > 0 or cfg.cutmix > 0 else None
-    prefix = FrozenPrefix(model, int(cfg.frozen_cache_gb * (1 << 30))) if _keeps_frozen_outputs(cfg, s.rt) else None
-    if prefix is not None and s.frozen_outputs is not None and s.frozen_outputs.names == prefix.names:
-        prefix = s.frozen_outputs
+    prefix, s.frozen_outputs = s.frozen_outputs, None  # the stage holds what it uses
+    if prefix is not None and prefix.names == frozen_module_names(model):
         # The stage reads the val images' output, and the training images' only to refit the head.
         prefix.keep_only({file_identity(p) for p, _ in s.val_items + (s.train_items if cfg.refit_head else [])})
-    s.frozen_outputs = None  # the stage holds what it uses
+    elif _keeps_frozen_outputs(cfg, s.rt):
+        prefix = FrozenPrefix(model, int(cfg.frozen_cache_gb * (1 << 30)))
+    else:
+        prefix = None
     return Stage("full", epochs, cfg.lr, model, _wrap(s, model), train_batches, image_val_batches(s), s.prepare,
                  frozen, optimizer, _scheduler(cfg, optimizer, steps, epochs), steps, on_features=False, mix=mix,
                  scaler=s.rt.grad_scaler(), ema=WeightAverage(model, cfg.ema_epochs, steps) if cfg.ema_epochs else None,
