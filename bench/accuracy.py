@@ -99,6 +99,9 @@ VISIONTUNE_ROWS = {
     # The twelfth pass's default without the thirteenth's kept output of the frozen layers: the same numbers, every
     # val (and refit) pass through the whole model; run beside the default for same-hour walls.
     "whole": ["--frozen-cache-gb", "0"],
+    # Candidate (2026-12-07, sixteenth pass): 8 fine-tuning epochs. The tutorial's recipe reaches 409/409 on
+    # sign_digits' val in about 10 000 steps at batch 4; the default takes 260 steps at batch 32 and misses 1-2 images.
+    "epochs8": ["--epochs", "8"],
 }
 # Earlier defaults that no flags reproduce any more: rows of recorded results only.
 HISTORY_ROWS = {
@@ -244,6 +247,10 @@ def table(results: list[dict]) -> str:
                 notes.append("EMA decay " + " / ".join(f"{r['ema_decay']:.3f}" for r in s["runs"] if "ema_decay" in r))
             for source in sorted({r["source"] for r in s["runs"] if r.get("source")}):
                 notes.append(f"from {source}")
+            # Results merged from a device machine carry no hand-written source: say what their wall is.
+            on_gpu = [str(r["seed"]) for r in s["runs"] if "(the run on cuda" in r.get("machine", "") and not r.get("source")]
+            if on_gpu:
+                notes.append(f"seed(s) {','.join(on_gpu)} ran on a GPU: their wall is not comparable with the CPU rows")
             per_seed = " / ".join(f"{r['best_val_acc']:.4f}" for r in s["runs"])
             lines.append(f"| {name} | {row} | {','.join(map(str, s['seeds']))} | {s['mean']:.4f} ({s['min']:.4f}) | "
                          f"{per_seed} | {s['wall']:.0f} | {'; '.join(notes)} |")
@@ -300,6 +307,12 @@ def targets(results: list[dict]) -> list[str]:
     return out
 
 
+def with_result(results: list[dict], result: dict) -> list[dict]:
+    """A rerun of a set, row and seed replaces its earlier result rather than averaging with it."""
+    key = (result["set"], result["row"], result["seed"])
+    return [r for r in results if (r["set"], r["row"], r["seed"]) != key] + [result]
+
+
 def write_doc(text: str) -> None:
     doc = DOC.read_text()
     if DOC_BEGIN in doc:
@@ -320,13 +333,23 @@ def main() -> int:
                         help="where the tutorial row runs (cuda: its own model.to(device) path, for its accuracy; "
                              "its wall is then not comparable with the CPU rows)")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "accuracy.json")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], metavar="FILE",
+                        help="results files of runs made elsewhere (bench/gpu_check.sh's tutorial rows, one file per "
+                             "set and seed): each of their results replaces the one of the same set, row and seed in "
+                             "--results; nothing is run")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--write-doc", action="store_true", help="put the table and targets into docs/recipes.md")
     args = parser.parse_args()
     if "fastai" in args.rows and not args.table_only and not args.fastai_python:
         parser.error("the fastai row needs --fastai-python PATH (a Python with fastai installed)")
     results = json.loads(args.results.read_text()) if args.results.is_file() else []
-    if not args.table_only:
+    if args.merge:
+        for path in args.merge:
+            for result in json.loads(path.read_text()):
+                results = with_result(results, result)
+                print(f"merged {result['set']} {result['row']} seed {result['seed']} from {path}", flush=True)
+        args.results.write_text(json.dumps(results, indent=1))
+    elif not args.table_only:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         for name in args.sets:
             data = DATA / SETS[name]
@@ -345,7 +368,7 @@ def main() -> int:
                                   when=time.strftime("%Y-%m-%d %H:%M:%S"), commit=commit(),
                                   machine=machine(args.tutorial_device if row == "tutorial" else "cpu"))
                     print(json.dumps({k: v for k, v in result.items() if k != "val_accs"}), flush=True)
-                    results = [r for r in results if (r["set"], r["row"], r["seed"]) != (name, row, seed)] + [result]
+                    results = with_result(results, result)
                     args.results.write_text(json.dumps(results, indent=1))
                 shutil.rmtree(cache, ignore_errors=True)
     text = table(results) + "\n\n```\n" + "\n".join(targets(results)) + "\n```"

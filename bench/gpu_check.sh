@@ -7,6 +7,8 @@
 # It runs the tests marked `gpu`, then prints the throughput table (bench/gpu_throughput.py).
 # With GPU_CHECK_TUTORIAL_SETS="sign_digits eurosat10" it also runs bench/accuracy.py's tutorial row on
 # those sets on the GPU, beside the tests, and skips the throughput table (the GPU is shared then).
+# GPU_CHECK_TUTORIAL_SEEDS="1 2" (default "0") picks the tutorial's seeds: one process per set and seed, each
+# with its own results file under $OUT/SET/seedN/; `python bench/accuracy.py --merge FILE...` takes them in.
 # The data travels as a link to ../shared named in carry: once here, `ln -sfn ../shared .gpu_shared`
 # (ignored by .git/info/exclude), then carry [".whl", ".gpu_shared/bench", ".gpu_shared/data/SET", ...].
 set -euo pipefail
@@ -29,11 +31,13 @@ PY
 set +e
 tutorial_pids=()
 for set_name in ${GPU_CHECK_TUTORIAL_SETS:-}; do
-  mkdir -p "$OUT/$set_name"
-  VISIONTUNE_SHARED="$PWD/.gpu_shared" timeout "${GPU_CHECK_TUTORIAL_TIMEOUT:-480}" python3 bench/accuracy.py \
-    --sets "$set_name" --rows tutorial --seeds 0 --tutorial-device cuda --results "$OUT/$set_name/accuracy.json" \
-    >"$OUT/$set_name/stdout.log" 2>&1 &
-  tutorial_pids+=($!)
+  for seed in ${GPU_CHECK_TUTORIAL_SEEDS:-0}; do
+    mkdir -p "$OUT/$set_name/seed$seed"
+    VISIONTUNE_SHARED="$PWD/.gpu_shared" timeout "${GPU_CHECK_TUTORIAL_TIMEOUT:-480}" python3 bench/accuracy.py \
+      --sets "$set_name" --rows tutorial --seeds "$seed" --tutorial-device cuda \
+      --results "$OUT/$set_name/seed$seed/accuracy.json" >"$OUT/$set_name/seed$seed/stdout.log" 2>&1 &
+    tutorial_pids+=($!)
+  done
 done
 timeout 200 python3 -m pytest -v -m gpu -p no:cacheprovider --timeout 150 tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
 tests=${PIPESTATUS[0]}
@@ -44,7 +48,10 @@ else
   bench=0
   for pid in "${tutorial_pids[@]}"; do wait "$pid" || bench=1; done
   for set_name in $GPU_CHECK_TUTORIAL_SETS; do
-    echo "== tutorial row, $set_name"; tail -n 4 "$OUT/$set_name/stdout.log" "$OUT/$set_name"/tutorial-*.log
+    for seed in ${GPU_CHECK_TUTORIAL_SEEDS:-0}; do
+      echo "== tutorial row, $set_name, seed $seed"
+      tail -n 4 "$OUT/$set_name/seed$seed/stdout.log" "$OUT/$set_name/seed$seed"/tutorial-*.log
+    done
   done
 fi
 set -e
