@@ -124,7 +124,7 @@ def test_auto_plans_fine_tuning_epochs_from_measured_times(tiny_data, tiny_setti
     # Measured step 0.05 s, val batch 0.02 s, fold 0.01 s: one epoch of 17 images in batches of 4
     # (5 steps) and, with --refit-head, the features of those and the 6 val images (6 batches of 4) is
     # 1.1 * (0.25 + 0.12 + 0.01) + 0.5 = 0.918 s.
-    monkeypatch.setattr(training, "_time_fine_tune_step", lambda s: (0.05, 0.02, 0.01))
+    monkeypatch.setattr(training, "_time_fine_tune_step", lambda s: training.FineTuneTimes(0.05, 0.02, 0.01))
     settings = {**tiny_settings, "mode": "auto", "epochs": 3, "eval_batch_size": 4}
     run = visiontune.train(tiny_data, out=str(tmp_path / "big"), budget="1h", **settings)
     plan = json.loads((run.path / "auto.json").read_text())
@@ -134,7 +134,7 @@ def test_auto_plans_fine_tuning_epochs_from_measured_times(tiny_data, tiny_setti
 
 
 def test_auto_keeps_the_head_when_the_budget_is_spent(tiny_data, tiny_settings, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "_time_fine_tune_step", lambda s: (100.0, 1.0, 1.0))
+    monkeypatch.setattr(training, "_time_fine_tune_step", lambda s: training.FineTuneTimes(100.0, 1.0, 1.0))
     run = visiontune.train(tiny_data, out=str(tmp_path / "small"), mode="auto", budget="60s",
                            **{**tiny_settings, "head_epochs": 3})
     plan = json.loads((run.path / "auto.json").read_text())
@@ -150,8 +150,8 @@ def test_auto_step_timing_leaves_the_run_untouched(tiny_data, tiny_settings):
     s = pipeline.build_setup(cfg, Runtime())
     before = {k: v.clone() for k, v in s.model.state_dict().items()}
     rng, sampler = torch.get_rng_state(), s.generator.get_state()
-    step_s, val_s, fold_s = training._time_fine_tune_step(s)
-    assert step_s > 0 and val_s > 0 and fold_s >= 0
+    times = training._time_fine_tune_step(s)
+    assert times.step_s > 0 and times.val_batch_s > 0 and times.fold_s >= 0
     assert torch.equal(rng, torch.get_rng_state()) and torch.equal(sampler, s.generator.get_state())
     for k, v in s.model.state_dict().items():
         assert torch.equal(before[k], v), k
@@ -170,8 +170,46 @@ def test_auto_step_timing_is_not_set_by_one_slow_step(tiny_data, tiny_settings, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(training, "train_one_epoch", one_slow_step)
-    step_s, _, _ = training._time_fine_tune_step(s)
-    assert len(calls) == 4 and step_s < 0.25
+    times = training._time_fine_tune_step(s)
+    assert len(calls) == 4 and times.step_s < 0.25
+
+
+@pytest.mark.parametrize("left, first, later, most, fits", [
+    (9.9, 10.0, 5.0, 5, 0), (10.0, 10.0, 5.0, 5, 1), (24.9, 10.0, 5.0, 5, 3), (25.0, 10.0, 5.0, 5, 4),
+    (1000.0, 10.0, 5.0, 5, 5), (30.0, 10.0, 10.0, 5, 3),
+])
+def test_epochs_that_fit_count_the_first_epoch_at_its_own_cost(left, first, later, most, fits):
+    assert training.epochs_that_fit(left, first, later, most) == fits
+
+
+@pytest.mark.parametrize("kept_cache_gb, resumed", [(1.0, True), (0, False)])
+def test_auto_times_evaluation_from_the_kept_output_when_the_stage_keeps_it(tiny_data, tiny_settings, kept_cache_gb,
+                                                                           resumed):
+    # Before the head stage nothing is kept (resumed_first 0); after one pass every evaluated image fits the budget.
+    cfg = TrainConfig(data=str(tiny_data), mode="auto", bn="frozen", frozen_cache_gb=kept_cache_gb,
+                      **tiny_settings).resolved()
+    times = training._time_fine_tune_step(pipeline.build_setup(cfg, Runtime()))
+    if resumed:
+        assert times.resumed_batch_s > 0 and times.resumed_first == 0.0 and times.resumed_later == 1.0
+    else:
+        assert times.resumed_batch_s is None and times.resumed_first == times.resumed_later == 0.0
+
+
+@pytest.mark.parametrize("resumed_batch_s, epochs", [(0.0, 5), (None, 2)])
+def test_auto_plans_later_epochs_at_their_cost_from_the_kept_output(tiny_data, tiny_settings, tmp_path, monkeypatch,
+                                                                    resumed_batch_s, epochs):
+    # 5 steps of 100 s and 6 eval batches (17 training images refitted + 6 val, by 4) of 100 s whole, 0 s from
+    # the kept output: the first epoch 1.1 * 1100 + 0.5 = 1210.5 s, each later one 1.1 * 500 + 0.5 = 550.5 s.
+    # An hour fits 1 + 4 of them (2 at the first epoch's cost, as the plan counted before the kept output).
+    times = training.FineTuneTimes(100.0, 100.0, 0.0, resumed_batch_s, 0.0, 1.0)
+    monkeypatch.setattr(training, "_time_fine_tune_step", lambda s: times)
+    settings = {**tiny_settings, "mode": "auto", "epochs": 5, "eval_batch_size": 4, "head_epochs": 2,
+                "bn": "frozen", "refit_head": True}
+    run = visiontune.train(tiny_data, out=str(tmp_path / "run"), budget="1h", **settings)
+    plan = json.loads((run.path / "auto.json").read_text())
+    assert plan["full_epochs"] == epochs
+    assert plan["estimated_epoch_seconds"] == pytest.approx(1210.5)
+    assert plan["estimated_later_epoch_seconds"] == pytest.approx(550.5 if resumed_batch_s is not None else 1210.5)
 
 
 def test_deterministic_flag_on_cpu_changes_nothing(tiny_data, tiny_settings, tmp_path):
@@ -187,7 +225,7 @@ def test_deterministic_flag_on_cpu_changes_nothing(tiny_data, tiny_settings, tmp
 def test_auto_budget_counts_the_time_spent_before_a_resume(tiny_data, tiny_settings, tmp_path, monkeypatch):
     # One fine-tuning epoch is estimated at 0.83 s (as above): with a 1 h budget all 3 epochs fit; a
     # run that had already used 3598 s before it was stopped has no time left for any of them.
-    monkeypatch.setattr(training, "_time_fine_tune_step", lambda s: (0.05, 0.02, 0.01))
+    monkeypatch.setattr(training, "_time_fine_tune_step", lambda s: training.FineTuneTimes(0.05, 0.02, 0.01))
     settings = {**tiny_settings, "mode": "auto", "epochs": 3, "eval_batch_size": 4, "head_epochs": 2,
                 "budget": "1h"}
     train_stopped_at(monkeypatch, "_plan_auto", tiny_data, tmp_path / "run", settings)
