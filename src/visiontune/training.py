@@ -30,6 +30,7 @@ from .errors import UsageError, VisiontuneError
 from .folding import fold_batchnorm
 from .images import file_identity
 from .memory import release_freed_memory
+from .prefix import FrozenPrefix
 from .preprocess import EvalTransform
 from .pipeline import (Setup, Stage, build_setup, choose_run_dir, class_weights_for, ensure_writable,
                        evaluate_by_features, full_stage, head_stage, refit_head)
@@ -726,13 +727,13 @@ def _time_fine_tune_step(s: Setup) -> FineTuneTimes:
     return FineTuneTimes(step_s, val_batch_s, fold_s, *resumed)
 
 
-def _time_resumed_eval(s: Setup, prefix, folded: nn.Module, inputs: torch.Tensor) -> tuple:
+def _time_resumed_eval(s: Setup, prefix: FrozenPrefix | None, folded: nn.Module, inputs: torch.Tensor) -> tuple:
     """(seconds of an eval batch from the frozen layers' output, share of the evaluated images already kept,
     share kept once each has been through); () when the stage keeps none."""
     split = prefix.split(folded, s.pre.size, s.cfg.channels_last) if prefix else None
     if split is None:
         return ()
-    with torch.inference_mode():
+    with torch.inference_mode(), s.rt.autocast():  # as extract_features runs it
         _, kept = split.features_keeping(inputs)
         split.features_from(kept)  # warm-up
         t = time.perf_counter()
