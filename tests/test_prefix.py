@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import visiontune
-from visiontune.features import extract_features
+from visiontune.features import FeatureCache, extract_features
 from visiontune.images import decode_array
 from visiontune.prefix import FrozenPrefix, frozen_module_names
 from visiontune.preprocess import Preprocessing
@@ -27,11 +27,11 @@ def _frozen_model(architecture: str, count: int) -> nn.Module:
     return model
 
 
-def _features(model, paths, prefix=None, size=48):
+def _features(model, paths, prefix=None, size=48, channels_last=False):
     pre = Preprocessing(size=size, resize=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                         interpolation="bilinear", crop_pct=1.0)
     decode = partial(decode_array, short_side=pre.resize, interpolation=pre.interpolation)
-    features, failed = extract_features(model, paths, decode, pre, 1, 0, None, batch_size=4, channels_last=False,
+    features, failed = extract_features(model, paths, decode, pre, 1, 0, None, batch_size=4, channels_last=channels_last,
                                         prefix=prefix)
     assert not failed
     return features[0]
@@ -146,9 +146,10 @@ def test_a_run_gives_the_same_numbers_with_the_kept_output_as_without(tiny_data,
     kept = visiontune.train(tiny_data, out=str(tmp_path / "kept"), **settings)
     assert sum(resumed) == 3 * passed_per_epoch
     resumed.clear()
-    # Again, on the cached features: the probe computes nothing, the first epoch keeps the output.
+    # Again, on the cached features: the probe computes nothing, and the first epoch reads the output the
+    # first run wrote beside the features.
     again = visiontune.train(tiny_data, out=str(tmp_path / "again"), **settings)
-    assert sum(resumed) == 2 * passed_per_epoch
+    assert sum(resumed) == 3 * passed_per_epoch
     resumed.clear()
     whole = visiontune.train(tiny_data, out=str(tmp_path / "whole"), frozen_cache_gb=0, **settings)
     assert not resumed
@@ -158,3 +159,68 @@ def test_a_run_gives_the_same_numbers_with_the_kept_output_as_without(tiny_data,
             assert a["val_acc"] == b["val_acc"] and a["train_acc"] == b["train_acc"]
             assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-6)
             assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-5)
+
+
+def _stored_reads(monkeypatch) -> list[int]:
+    """Images each FrozenPrefix has read from its store, one entry per read."""
+    reads, read_stored = [], FrozenPrefix.read_stored
+
+    def counting(self, identities):
+        before = self.read_images
+        read_stored(self, identities)
+        reads.append(self.read_images - before)
+
+    monkeypatch.setattr(FrozenPrefix, "read_stored", counting)
+    return reads
+
+
+def test_the_stored_output_serves_only_the_same_frozen_layers(tiny_data, tiny_settings, tmp_path, monkeypatch):
+    reads = _stored_reads(monkeypatch)
+    settings = {**tiny_settings, "epochs": 2, "bn": "frozen", "refit_head": True}
+    visiontune.train(tiny_data, out=str(tmp_path / "first"), freeze=3, **settings)
+    assert sum(reads) == 0  # nothing stored yet: the probe's pass computed and wrote 23 outputs
+    reads.clear()
+    visiontune.train(tiny_data, out=str(tmp_path / "fewer"), freeze=1, **settings)
+    assert sum(reads) == 0  # other layers frozen: another key
+    reads.clear()
+    same = visiontune.train(tiny_data, out=str(tmp_path / "same"), freeze=3, **settings)
+    assert sum(reads) == 6 + 17
+    reads.clear()
+    uncached = visiontune.train(tiny_data, out=str(tmp_path / "uncached"), freeze=3, feature_cache=False, **settings)
+    assert sum(reads) == 0  # --no-feature-cache: nothing read from (or written to) the cache folder
+    for a, b in zip(read_metrics(same.path, timing=False), read_metrics(uncached.path, timing=False), strict=True):
+        assert a["val_acc"] == b["val_acc"] and float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-5)
+
+
+def test_a_damaged_store_is_computed_again(tiny_data, tiny_settings, tmp_path, monkeypatch):
+    settings = {**tiny_settings, "epochs": 1, "bn": "frozen", "refit_head": True}
+    first = visiontune.train(tiny_data, out=str(tmp_path / "first"), **settings)
+    features = tmp_path / "cache" / "features"
+    parts = sorted(features.glob("*.npy"))
+    for part in parts:
+        part.write_bytes(b"not an array")  # every part: the features' and the frozen outputs'
+    reads = _stored_reads(monkeypatch)
+    again = visiontune.train(tiny_data, out=str(tmp_path / "again"), **settings)
+    assert sum(reads) == 0
+    for a, b in zip(read_metrics(first.path, timing=False), read_metrics(again.path, timing=False), strict=True):
+        assert a["val_acc"] == b["val_acc"] and float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stored_outputs_read_back_as_they_were_kept(tiny_data, tmp_path, channels_last):
+    model = _frozen_model("test_efficientnet", 3)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    paths = sorted(tiny_data.rglob("*.png"))[:5]
+    store = FeatureCache(tmp_path, {"the test's": "key"})
+    first = FrozenPrefix(model, 1 << 30, store=store)
+    features = _features(model, paths, first, channels_last=channels_last)
+    assert first.written_images == 5 and first.read_images == 0 and first.image_channels_last == channels_last
+    second = FrozenPrefix(model, 1 << 30, store=store)
+    again = _features(model, paths, second, channels_last=channels_last)
+    # Every image started from the stored output: none was decoded or run through the frozen layers.
+    assert second.read_images == 5 and second.resumed_images == 5 and second.written_images == 0
+    for identity, output in first.outputs.items():
+        assert torch.equal(second.outputs[identity], output)
+        assert second.outputs[identity].stride() == output.stride()  # the layout the later passes batch in
+    assert torch.equal(features, again)

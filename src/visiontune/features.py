@@ -321,8 +321,9 @@ def extract_features(
     every world_size-th missing image, and the results are gathered on every rank: N devices extract
     N times faster, and all ranks end with the same features and the same failures.
     `prefix` (one process, --freeze's frozen layers: of the model being fine-tuned, or the pretrained
-    model's, which are the same): view 0's images whose frozen layers' output it holds start after those
-    layers, undecoded; the others' output is kept for the next pass.
+    model's, which are the same): view 0's images whose frozen layers' output it holds, or its store has
+    from an earlier run, start after those layers, undecoded; the others' output is kept for the next
+    pass, and written to its store.
     One process with a cache and at least ON_DISK_MIN_ROWS rows writes each batch's rows into a new
     cache part as it goes and returns FeaturesOnDisk over the parts: the rows are never all in memory.
     """
@@ -381,6 +382,10 @@ def extract_features(
             known = set(cached)
             missing = [i for i in range(len(paths)) if i not in known and str(paths[i]) not in failed]
             mine = rt.shard(missing)
+            if view == 0 and prefix and prefix.store and mine:
+                fold()  # the split's check gives the output's shape, which reading stored outputs needs
+                if split is not None:
+                    prefix.read_stored([identities[i] for i in mine])
             position = {i: n for n, i in enumerate(mine)}  # a computed row's place in a new on-disk part
             writer: PartWriter | None = None
             computed: list[int] = []  # indices into paths whose rows were computed here
@@ -444,6 +449,8 @@ def extract_features(
                 raise
             if writer is not None:
                 writer.finish()
+            if view == 0 and split is not None:
+                prefix.write_new([identities[i] for i in computed])  # for the next run's passes
             if rt.distributed and missing:
                 parts = rt.all_gather(({identities[i]: out[view, i] for i in computed}, found))
                 by_identity = {k: v for part, _ in parts for k, v in part.items()}

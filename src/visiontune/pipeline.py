@@ -208,9 +208,8 @@ class Setup:
         its frozen layers' output kept in `prefix`). `desc` names the pass on the progress bar (default:
         the view)."""
         progress = self.progress if desc is None else (lambda it, total, _: self.progress(it, total, desc))
-        cache = FeatureCache(self.cache_dir, {
-            "arch": self.backbone.timm_name, "weights": self.weights_source, "pre": self.pre.to_json(),
-            "channels_last": self.cfg.channels_last, "folded_bn": True, "precision": self.rt.precision})
+        cache = FeatureCache(self.cache_dir, feature_key(self.cfg, self.rt, self.backbone, self.weights_source,
+                                                         self.pre))
         if model is None and views == 1:
             # The pretrained model's frozen layers are the ones fine-tuning keeps: what this pass computes of
             # them (the images missing from the feature cache) serves the full stage's first passes too.
@@ -330,11 +329,27 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
     if _keeps_frozen_outputs(cfg, rt) and cfg.mode != "fixed":
         budget = int(cfg.frozen_cache_gb * (1 << 30))
         frozen_outputs = FrozenPrefix(model, budget, leading_group_parameters(model, freeze))
+        frozen_outputs.store = frozen_output_store(cfg, rt, cache_dir, feature_key(cfg, rt, backbone, weights_source,
+                                                                                   pre), frozen_outputs.names)
     return Setup(cfg=cfg, rt=rt, splits=splits, model=model, backbone=backbone, weights_source=weights_source,
                  head_from_init=head_from_init,
                  pre=pre, decode=decode, cache_dir=cache_dir, generator=generator, progress=progress,
                  excluded=excluded, size_decision=size_decision, freeze_decision=freeze_decision,
                  frozen_outputs=frozen_outputs)
+
+
+def feature_key(cfg: TrainConfig, rt, backbone: backbones.Backbone, weights_source: str, pre: Preprocessing) -> dict:
+    """What the pretrained model's features of an image depend on, besides the image: the feature cache's key."""
+    return {"arch": backbone.timm_name, "weights": weights_source, "pre": pre.to_json(),
+            "channels_last": cfg.channels_last, "folded_bn": True, "precision": rt.precision}
+
+
+def frozen_output_store(cfg: TrainConfig, rt, cache_dir: Path, key: dict, names: list[str]) -> FeatureCache | None:
+    """Where the frozen layers' output is kept between runs: beside the features, under their key and the
+    layers' names. Float32 rows: only a run without autocast (a CPU run) writes or reads them."""
+    if not cfg.feature_cache or not names or rt.amp_dtype is not None:
+        return None
+    return FeatureCache(cache_dir, {**key, "frozen_output_of": names})
 
 
 def _keeps_frozen_outputs(cfg: TrainConfig, rt) -> bool:
@@ -522,6 +537,8 @@ def full_stage(s: Setup, epochs: int) -> Stage:
         prefix.keep_only({file_identity(p) for p, _ in s.val_items + (s.train_items if cfg.refit_head else [])})
     elif _keeps_frozen_outputs(cfg, s.rt):
         prefix = FrozenPrefix(model, int(cfg.frozen_cache_gb * (1 << 30)))
+        prefix.store = frozen_output_store(cfg, s.rt, s.cache_dir, feature_key(cfg, s.rt, s.backbone,
+                                                                                s.weights_source, s.pre), prefix.names)
     else:
         prefix = None
     return Stage("full", epochs, cfg.lr, model, _wrap(s, model), train_batches, image_val_batches(s), s.prepare,
