@@ -221,10 +221,12 @@ class TrainConfig:
     """Upper bound for newly cached decoded images; past it images are decoded every epoch."""
     frozen_cache_gb: float = 1.0
     """Memory for the output of --freeze's frozen layers on the val images (and, with --refit-head, the
-    training images) at the eval transform: kept from the first fine-tuning epoch, so later epochs'
-    passes start after those layers; 0 computes them every epoch."""
+    training images) at the eval transform: kept from the first pass that computes it, and written
+    beside the cached features, so later passes (and later runs) start after those layers; 0 computes
+    them every epoch."""
     feature_cache: bool = True
-    """Fixed mode: compute backbone features once and train the head on them."""
+    """Keep backbone features (and the frozen layers' output) in the cache folder for later runs; without
+    it fixed mode runs every epoch's images through the frozen backbone."""
     strict: bool = False
     """Stop on unreadable images instead of leaving them out with a warning."""
     quiet: bool = False
