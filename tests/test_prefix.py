@@ -224,3 +224,22 @@ def test_stored_outputs_read_back_as_they_were_kept(tiny_data, tmp_path, channel
         assert torch.equal(second.outputs[identity], output)
         assert second.outputs[identity].stride() == output.stride()  # the layout the later passes batch in
     assert torch.equal(features, again)
+
+
+def test_a_store_that_cannot_be_written_leaves_the_run_as_it_was(tiny_data, tiny_settings, tmp_path, monkeypatch,
+                                                                capsys):
+    settings = {**tiny_settings, "epochs": 2, "bn": "frozen", "refit_head": True}
+    whole = visiontune.train(tiny_data, out=str(tmp_path / "whole"), frozen_cache_gb=0, **settings)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FeatureCache, "new_part", disk_full)
+    capsys.readouterr()
+    full = visiontune.train(tiny_data, out=str(tmp_path / "full"), cache_dir=str(tmp_path / "other"),
+                            **{k: v for k, v in settings.items() if k != "cache_dir"})
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "could not keep the frozen" in line]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert not list((tmp_path / "other" / "features").glob(".part.*"))
+    for a, b in zip(read_metrics(whole.path, timing=False), read_metrics(full.path, timing=False), strict=True):
+        assert a["val_acc"] == b["val_acc"] and float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-5)

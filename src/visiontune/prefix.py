@@ -18,6 +18,7 @@ pass it on. It is used only when that split gives the full model's features on a
 from __future__ import annotations
 
 import copy
+import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -135,7 +136,7 @@ class FrozenPrefix:
         self.usable: bool | None = None  # decided by the first split's check
         self.kept_images = self.resumed_images = 0
         # On disk: one flattened row per image (in the layout it is kept in), keyed by the model, its
-        # preprocessing and these layers' names (pipeline.Setup.frozen_output_store).
+        # preprocessing and these layers' names (pipeline.frozen_output_store).
         self.store = store
         self.looked_up: set[str] = set()  # identities already looked for in the store
         self.stored: set[str] = set()  # identities the store holds (read from it or written to it)
@@ -187,16 +188,28 @@ class FrozenPrefix:
         if not (self.store and self.image_shape and new):
             return
         dim = int(np.prod(self.image_shape))
-        writer = self.store.new_part(0, 0, len(new), dim)
+        writer = None
         try:
+            writer = self.store.new_part(0, 0, len(new), dim)
             for start in range(0, len(new), 64):
                 names = new[start : start + 64]
                 writer.write(list(range(start, start + len(names))), names,
                              self._flattened(torch.stack([self.outputs[i] for i in names])).numpy())
+            writer.finish()
+        except OSError as exc:
+            # A full disk or a cache folder that cannot be written: the run goes on from memory, as without
+            # a store, and later runs compute these outputs again.
+            if writer is not None:
+                writer.discard()
+            print(f"warning: could not keep the frozen layers' output in {self.store.directory} "
+                  f"({exc.strerror or exc}); this run is unaffected, later runs compute it again",
+                  file=sys.stderr)
+            self.store = None
+            return
         except BaseException:
-            writer.discard()
+            if writer is not None:
+                writer.discard()
             raise
-        writer.finish()
         self.stored.update(new)
         self.written_images += len(new)
 
