@@ -327,10 +327,8 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
     excluded: dict[str, str] = {}
     frozen_outputs = None
     if _keeps_frozen_outputs(cfg, rt) and cfg.mode != "fixed":
-        budget = int(cfg.frozen_cache_gb * (1 << 30))
-        frozen_outputs = FrozenPrefix(model, budget, leading_group_parameters(model, freeze))
-        frozen_outputs.store = frozen_output_store(cfg, rt, cache_dir, feature_key(cfg, rt, backbone, weights_source,
-                                                                                   pre), frozen_outputs.names)
+        frozen_outputs = _frozen_prefix(cfg, rt, model, cache_dir, feature_key(cfg, rt, backbone, weights_source, pre),
+                                        leading_group_parameters(model, freeze))
     return Setup(cfg=cfg, rt=rt, splits=splits, model=model, backbone=backbone, weights_source=weights_source,
                  head_from_init=head_from_init,
                  pre=pre, decode=decode, cache_dir=cache_dir, generator=generator, progress=progress,
@@ -342,6 +340,14 @@ def feature_key(cfg: TrainConfig, rt, backbone: backbones.Backbone, weights_sour
     """What the pretrained model's features of an image depend on, besides the image: the feature cache's key."""
     return {"arch": backbone.timm_name, "weights": weights_source, "pre": pre.to_json(),
             "channels_last": cfg.channels_last, "folded_bn": True, "precision": rt.precision}
+
+
+def _frozen_prefix(cfg: TrainConfig, rt, model: nn.Module, cache_dir: Path, key: dict,
+                   frozen: list[nn.Parameter] | None = None) -> FrozenPrefix:
+    """The frozen layers' output in memory up to --frozen-cache-gb, with its store beside the features."""
+    prefix = FrozenPrefix(model, int(cfg.frozen_cache_gb * (1 << 30)), frozen)
+    prefix.store = frozen_output_store(cfg, rt, cache_dir, key, prefix.names)
+    return prefix
 
 
 def frozen_output_store(cfg: TrainConfig, rt, cache_dir: Path, key: dict, names: list[str]) -> FeatureCache | None:
@@ -536,9 +542,8 @@ def full_stage(s: Setup, epochs: int) -> Stage:
         # The stage reads the val images' output, and the training images' only to refit the head.
         prefix.keep_only({file_identity(p) for p, _ in s.val_items + (s.train_items if cfg.refit_head else [])})
     elif _keeps_frozen_outputs(cfg, s.rt):
-        prefix = FrozenPrefix(model, int(cfg.frozen_cache_gb * (1 << 30)))
-        prefix.store = frozen_output_store(cfg, s.rt, s.cache_dir, feature_key(cfg, s.rt, s.backbone,
-                                                                                s.weights_source, s.pre), prefix.names)
+        prefix = _frozen_prefix(cfg, s.rt, model, s.cache_dir, feature_key(cfg, s.rt, s.backbone, s.weights_source,
+                                                                            s.pre))
     else:
         prefix = None
     return Stage("full", epochs, cfg.lr, model, _wrap(s, model), train_batches, image_val_batches(s), s.prepare,
