@@ -220,8 +220,14 @@ def summary(results: list[dict], name: str, row: str) -> dict | None:
     if not runs:
         return None
     accs = [r["best_val_acc"] for r in runs]
+    # A GPU run's wall says nothing about the CPU rows: the mean wall is of the CPU runs where there are any.
+    timed = [r for r in runs if not on_gpu(r)] or runs
     return {"seeds": [r["seed"] for r in runs], "mean": statistics.mean(accs), "min": min(accs),
-            "wall": statistics.mean(r["wall"] for r in runs), "runs": runs}
+            "wall": statistics.mean(r["wall"] for r in timed), "runs": runs}
+
+
+def on_gpu(result: dict) -> bool:
+    return "(the run on cuda" in result.get("machine", "")
 
 
 def table(results: list[dict]) -> str:
@@ -245,12 +251,24 @@ def table(results: list[dict]) -> str:
                     f"{r.get('bn')}{', far' if r.get('bn_far') else ''} ({r.get('bn_agreement')})" for r in s["runs"]))
             if any("ema_decay" in r for r in s["runs"]):
                 notes.append("EMA decay " + " / ".join(f"{r['ema_decay']:.3f}" for r in s["runs"] if "ema_decay" in r))
+            if row in ONE_SEED_ROWS and all(r.get("val_accs") for r in s["runs"]):
+                # A best of 25 evaluations is a maximum of noisy numbers: how often it was reached says how
+                # much of it a reader can count on.
+                notes.append("best at " + " / ".join(
+                    f"{sum(a == max(r['val_accs']) for a in r['val_accs'])} of {len(r['val_accs'])} epochs, "
+                    f"last {r['val_accs'][-1]:.4f}" for r in s["runs"]))
             for source in sorted({r["source"] for r in s["runs"] if r.get("source")}):
-                notes.append(f"from {source}")
+                seeds = [str(r["seed"]) for r in s["runs"] if r.get("source") == source]
+                whose = "" if len(seeds) == len(s["runs"]) else f"seed(s) {','.join(seeds)} "
+                notes.append(f"{whose}from {source}")
             # Results merged from a device machine carry no hand-written source: say what their wall is.
-            on_gpu = [str(r["seed"]) for r in s["runs"] if "(the run on cuda" in r.get("machine", "") and not r.get("source")]
-            if on_gpu:
-                notes.append(f"seed(s) {','.join(on_gpu)} ran on a GPU: their wall is not comparable with the CPU rows")
+            gpu_seeds = [str(r["seed"]) for r in s["runs"] if on_gpu(r) and not r.get("source")]
+            if gpu_seeds:
+                notes.append(f"seed(s) {','.join(gpu_seeds)} ran on a GPU: their wall is not comparable with the CPU rows")
+            if any(on_gpu(r) for r in s["runs"]) and not all(on_gpu(r) for r in s["runs"]):
+                notes.append("wall: of the seeds run on a CPU (" + "; ".join(
+                    f"seed {r['seed']} {r['wall']:.0f} s on {r.get('machine', 'a CPU')}"
+                    for r in s["runs"] if not on_gpu(r)) + ")")
             per_seed = " / ".join(f"{r['best_val_acc']:.4f}" for r in s["runs"])
             lines.append(f"| {name} | {row} | {','.join(map(str, s['seeds']))} | {s['mean']:.4f} ({s['min']:.4f}) | "
                          f"{per_seed} | {s['wall']:.0f} | {'; '.join(notes)} |")
