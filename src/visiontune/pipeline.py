@@ -175,6 +175,11 @@ class Setup:
         self.exclude(found)
 
     @property
+    def feature_key(self) -> dict:
+        """The feature cache's key for this run's pretrained model and preprocessing."""
+        return feature_key(self.cfg, self.rt, self.backbone, self.weights_source, self.pre)
+
+    @property
     def classes(self) -> list[str]:
         return self.splits.classes
 
@@ -208,8 +213,7 @@ class Setup:
         its frozen layers' output kept in `prefix`). `desc` names the pass on the progress bar (default:
         the view)."""
         progress = self.progress if desc is None else (lambda it, total, _: self.progress(it, total, desc))
-        cache = FeatureCache(self.cache_dir, feature_key(self.cfg, self.rt, self.backbone, self.weights_source,
-                                                         self.pre))
+        cache = FeatureCache(self.cache_dir, self.feature_key)
         if model is None and views == 1:
             # The pretrained model's frozen layers are the ones fine-tuning keeps: what this pass computes of
             # them (the images missing from the feature cache) serves the full stage's first passes too.
@@ -542,8 +546,7 @@ def full_stage(s: Setup, epochs: int) -> Stage:
         # The stage reads the val images' output, and the training images' only to refit the head.
         prefix.keep_only({file_identity(p) for p, _ in s.val_items + (s.train_items if cfg.refit_head else [])})
     elif _keeps_frozen_outputs(cfg, s.rt):
-        prefix = _frozen_prefix(cfg, s.rt, model, s.cache_dir, feature_key(cfg, s.rt, s.backbone, s.weights_source,
-                                                                            s.pre))
+        prefix = _frozen_prefix(cfg, s.rt, model, s.cache_dir, s.feature_key)
     else:
         prefix = None
     return Stage("full", epochs, cfg.lr, model, _wrap(s, model), train_batches, image_val_batches(s), s.prepare,
