@@ -103,9 +103,9 @@ VISIONTUNE_ROWS = {
     # sign_digits' val in about 10 000 steps at batch 4; the default takes 260 steps at batch 32 and misses 1-2 images.
     "epochs8": ["--epochs", "8"],
     # Candidate (2026-12-07, eighteenth pass; not taken, docs/recipes.md): training crops and val at the tutorial's
-    # 224 px on every set (the
-    # default crops at 160 px, and evaluates small images at 160): the signs of sign_digits that the default
-    # confuses differ by a few pixels of 100 px images, which reach the last stage as 5x5 cells at 160 px, 7x7 at 224.
+    # 224 px on every set (the default crops at 160 px, and evaluates small images at 160): the signs of sign_digits
+    # that the default confuses differ by a few pixels of 100 px images, which reach the last stage as 5x5 cells at
+    # 160 px, 7x7 at 224.
     "size224": ["--image-size", "224", "--train-size", "224"],
 }
 # Earlier defaults that no flags reproduce any more: rows of recorded results only.
