@@ -106,6 +106,23 @@ def needs_hymenoptera():
     return pytest.mark.skipif(not HYMENOPTERA.is_dir(), reason=f"{HYMENOPTERA} not present")
 
 
+@pytest.fixture(scope="session")
+def hymenoptera_cache(tmp_path_factory) -> Path:
+    """One cache for the hymenoptera runs of a session: the first run decodes the images cold, the
+    later ones read them, as a user's second run does."""
+    return tmp_path_factory.mktemp("hymenoptera-cache")
+
+
+@pytest.fixture(scope="session")
+def hymenoptera_fixed_run(tmp_path_factory, hymenoptera_cache):
+    """The tutorial's fixed-feature scenario, 5 epochs, seed 0: made once, read-only for every test."""
+    import visiontune
+
+    out = tmp_path_factory.mktemp("hymenoptera-fixed") / "run"
+    return visiontune.train(HYMENOPTERA, mode="fixed", epochs=5, seed=0, out=str(out),
+                            cache_dir=str(hymenoptera_cache), quiet=True)
+
+
 def make_image(path: Path, label: int, rng: np.random.Generator, size=(40, 32), fmt: str | None = None) -> None:
     """Class 0 is reddish, class 1 blueish, class 2 greenish, with noise: learnable in a few steps."""
     w, h = size

@@ -202,7 +202,7 @@ def _epoch_end_lrs(rows: list[dict], lr: float, epochs: int, steps_per_epoch: in
 
 
 def test_a_two_process_run_resumes_with_one(odd_data, ddp_settings, tmp_path):
-    out, epochs = tmp_path / "run", 30
+    out, epochs = tmp_path / "run", 8
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(torchrun(["-m", "visiontune", "train", str(odd_data), "--out", str(out), "--epochs",
                                          str(epochs), *ddp_settings]),

@@ -14,9 +14,9 @@ pytestmark = [needs_hymenoptera(), pytest.mark.integration]
 
 
 @pytest.fixture
-def env(monkeypatch, tmp_path):
+def env(monkeypatch, tmp_path, hymenoptera_cache):
     monkeypatch.setenv("VISIONTUNE_DATA", str(HYMENOPTERA.parent))
-    monkeypatch.setenv("VISIONTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("VISIONTUNE_CACHE", str(hymenoptera_cache))
     return tmp_path
 
 
@@ -25,12 +25,8 @@ def best_val_acc(run_dir) -> float:
         return max(float(r["val_acc"]) for r in csv.DictReader(f))
 
 
-def test_fixed_mode_five_epochs(env, capsys):
-    out = env / "fixed"
-    assert main(["train", "hymenoptera", "--mode", "fixed", "--epochs", "5", "--seed", "0", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert str(out) in printed.splitlines()[-1]
-    assert best_val_acc(out) >= 0.94
+def test_fixed_mode_five_epochs(hymenoptera_fixed_run):
+    assert best_val_acc(hymenoptera_fixed_run.path) >= 0.94
 
 
 def test_default_recipe(env, capsys):

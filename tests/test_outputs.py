@@ -309,11 +309,9 @@ def test_report_shows_a_heatmap_beside_each_mistake(tiny_data, tiny_settings, tm
 # --- acceptance on hymenoptera ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def hymenoptera_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hym")
-    return visiontune.train(HYMENOPTERA, mode="fixed", epochs=5, out=str(tmp / "run"), cache_dir=str(tmp / "cache"),
-                            quiet=True)
+@pytest.fixture
+def hymenoptera_run(hymenoptera_fixed_run):
+    return hymenoptera_fixed_run
 
 
 @needs_hymenoptera()

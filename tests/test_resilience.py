@@ -21,7 +21,7 @@ from visiontune.errors import UsageError, VisiontuneError
 
 from .conftest import make_folder, read_metrics
 
-EPOCHS = 40
+EPOCHS = 12
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(resilience_data, tiny_weights, tmp_path_factory):
-    """The 40-epoch run the interrupted ones must equal; made once for the module (12 s), read-only:
+    """The 12-epoch run the interrupted ones must equal; made once for the module (4 s), read-only:
     a test that damages it works on a copy."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     out = folder / "full"
