@@ -488,24 +488,94 @@ def test_refit_head_is_what_val_and_the_saved_model_use_and_training_keeps_its_o
     assert TrainConfig(data="d", mode="fixed").resolved().refit_head is False
 
 
-def test_small_images_are_evaluated_at_the_training_crop_size(tiny_data, tiny_settings, tmp_path, capsys):
+def small_image_settings(tiny_settings: dict) -> dict:
+    return {**{k: v for k, v in tiny_settings.items() if k not in ("image_size", "train_size", "quiet")}, "epochs": 1}
+
+
+def test_small_images_are_trained_at_the_size_the_probe_fits_better(tiny_data, tiny_settings, tmp_path, capsys,
+                                                                   monkeypatch):
     # test_efficientnet's own size is 160 px, so fine-tuning crops are 112 px. The generated images are
-    # 40x32: below the crops, so val and training both use 112 px, said once and kept in config.json.
-    settings = {k: v for k, v in tiny_settings.items() if k not in ("image_size", "train_size", "quiet")}
-    run = visiontune.train(tiny_data, out=str(tmp_path / "small"), **{**settings, "epochs": 1})
+    # 40x32, below the crops: the probe is fitted at 112 and 160 px, and val and training both use the
+    # size it did better at, said once and kept in config.json and model.json.
+    from visiontune import training
+    from visiontune.pipeline import choose_measured_size
+
+    settings = small_image_settings(tiny_settings)
+    run = visiontune.train(tiny_data, out=str(tmp_path / "measured"), **settings)
     record = json.loads((run.path / "config.json").read_text())
-    assert (record["config"]["image_size"], record["config"]["train_size"]) == (112, 112)
-    assert record["image_size_decision"] == {
-        "median_short_side": 32, "images_read": 17, "small": True, "image_size": 112, "train_size": 112,
-        "why": "image size 112 px for val and training: the training images' median short side is 32 px, below "
-               "the 112 px training crops, and a larger val size would only upscale them (--image-size sets it)"}
-    assert capsys.readouterr().out.count("image size 112 px for val and training") == 1
+    decision = record["image_size_decision"]
+    scores = {entry["size"]: (entry["val_acc"], entry["val_loss"]) for entry in decision["probe"]}
+    assert sorted(scores) == [112, 160] and "pending" not in decision
+    chosen = choose_measured_size(scores)
+    assert (record["config"]["image_size"], record["config"]["train_size"]) == (chosen, chosen)
+    assert (decision["image_size"], decision["train_size"], decision["median_short_side"]) == (chosen, chosen, 32)
+    assert json.loads((run.path / "model.json").read_text())["preprocessing"]["size"] == chosen
+    # Each fit starts where the probe does: the chosen size's score is epoch 0's row.
+    probe = run.metrics[0]
+    assert (probe["stage"], probe["val_acc"]) == ("probe", scores[chosen][0])
+    assert probe["val_loss"] == approx_loss(scores[chosen][1])
+    printed = capsys.readouterr().out
+    assert printed.count("image size") == 1
+    assert (f"image size {chosen} px for val and training: the training images' median short side is 32 px, below "
+            f"the 112 px training crops, and the linear probe's val acc was {scores[112][0]:.4f} at 112 px, "
+            f"{scores[160][0]:.4f} at 160 px (--image-size sets it)") in printed
+    # Whichever size wins, the run goes on at it: preprocessing, crops, probe and config.
+    for forced in (112, 160):
+        monkeypatch.setattr(training, "choose_measured_size", lambda scores, size=forced: size)
+        run = visiontune.train(tiny_data, out=str(tmp_path / f"forced{forced}"), **settings)
+        record = json.loads((run.path / "config.json").read_text())
+        assert (record["config"]["image_size"], record["config"]["train_size"]) == (forced, forced)
+        assert json.loads((run.path / "model.json").read_text())["preprocessing"]["size"] == forced
+        assert run.metrics[0]["val_acc"] == scores[forced][0]
+        assert run.metrics[0]["val_loss"] == approx_loss(scores[forced][1])
+    monkeypatch.undo()
     # Sizes given, or fixed mode (no crops): the backbone's sizes, no decision.
     for name, extra in (("given", {"image_size": 64}), ("fixed", {"mode": "fixed"})):
-        run = visiontune.train(tiny_data, out=str(tmp_path / name), **{**settings, "epochs": 1, **extra})
+        run = visiontune.train(tiny_data, out=str(tmp_path / name), **{**settings, **extra})
         record = json.loads((run.path / "config.json").read_text())
         assert "image_size_decision" not in record
         assert record["config"]["image_size"] == extra.get("image_size", 160)
+
+
+def test_a_run_stopped_before_the_size_is_measured_resumes_as_if_never_stopped(tiny_data, tiny_settings, tmp_path,
+                                                                               monkeypatch):
+    from .conftest import assert_same_run, train_stopped_at
+
+    settings = small_image_settings(tiny_settings)
+    expected = visiontune.train(tiny_data, out=str(tmp_path / "whole"), **settings)
+    train_stopped_at(monkeypatch, "_choose_image_size", tiny_data, tmp_path / "stopped", settings)
+    record = json.loads((tmp_path / "stopped" / "config.json").read_text())
+    # Not yet measured: no size is written that the resumed run would take as given.
+    assert (record["config"]["image_size"], record["config"]["train_size"]) == (None, None)
+    assert record["image_size_decision"]["pending"] is True
+    resumed = visiontune.resume(tmp_path / "stopped", quiet=True)
+    assert_same_run(expected, resumed)
+    assert (json.loads((tmp_path / "stopped" / "config.json").read_text())["image_size_decision"]
+            == json.loads((expected.path / "config.json").read_text())["image_size_decision"])
+
+
+def test_the_measured_size_is_the_better_probe_then_the_cheaper_one():
+    from visiontune.pipeline import choose_measured_size
+
+    assert choose_measured_size({160: (0.934, 0.25), 224: (0.951, 0.20)}) == 224  # sign_digits, seed 0
+    assert choose_measured_size({160: (0.950, 0.18), 224: (0.930, 0.22)}) == 160  # eurosat10, seed 0
+    assert choose_measured_size({224: (0.90, 0.30), 160: (0.90, 0.31)}) == 224  # same acc: the lower loss
+    assert choose_measured_size({224: (0.90, 0.30), 160: (0.90, 0.30)}) == 160  # a tie: the cheaper size
+
+
+def test_small_images_without_a_probe_take_the_crop_size(tiny_data):
+    from visiontune.pipeline import choose_image_sizes, resolve_data
+
+    cfg = TrainConfig(data=str(tiny_data), model="test_efficientnet", mode="staged").resolved()
+    eval_size, train_size, decision = choose_image_sizes(cfg, resolve_data(cfg), 160, measure=False)
+    assert (eval_size, train_size) == (112, 112)
+    assert decision == {
+        "median_short_side": 32, "images_read": 17, "small": True, "image_size": 112, "train_size": 112,
+        "why": "image size 112 px for val and training: the training images' median short side is 32 px, below "
+               "the 112 px training crops, and a larger val size would only upscale them (--image-size sets it)"}
+    measured = choose_image_sizes(cfg, resolve_data(cfg), 160, measure=True)
+    assert measured[:2] == (112, 112)
+    assert measured[2] == {**decision, "why": None, "pending": True, "candidates": [112, 160]}
 
 
 def test_large_images_keep_the_backbone_eval_size(tmp_path):
@@ -521,3 +591,4 @@ def test_large_images_keep_the_backbone_eval_size(tmp_path):
     assert (eval_size, train_size) == (224, 160)
     assert decision == {"median_short_side": 200, "images_read": 10, "small": False, "image_size": 224,
                         "train_size": 160, "why": None}
+    assert choose_image_sizes(cfg, resolve_data(cfg), 224, measure=True) == (eval_size, train_size, decision)

@@ -94,7 +94,8 @@ def median_short_side(items: list[tuple[Path, int]], limit: int = SIZE_SAMPLE) -
     return (sorted(sides)[len(sides) // 2] if sides else None), len(sides)
 
 
-def choose_image_sizes(cfg: TrainConfig, splits: Splits, eval_size: int) -> tuple[int, int, dict | None]:
+def choose_image_sizes(cfg: TrainConfig, splits: Splits, eval_size: int,
+                       measure: bool = False) -> tuple[int, int, dict | None]:
     """(eval size, training crop size, the decision for config.json or None when not made).
 
     Fine-tuning trains on crops smaller than the eval size (faster steps). For images smaller than those
@@ -102,7 +103,12 @@ def choose_image_sizes(cfg: TrainConfig, splits: Splits, eval_size: int) -> tupl
     first epoch paid for: on sign_digits (100 px) and eurosat10 (64 px), evaluating at the 160 px the
     crops are taken at halved or removed the first-epoch drop and raised the best epoch (docs/recipes.md,
     seventh pass). So when the training images' median short side is below the crop size, both sizes are
-    the crop size. Sizes given on the command line, fixed mode (no crops) and data that are not files
+    one size. Which one is then measured when `measure` (a fine-tune run that starts with the linear
+    probe): the crop size or the backbone's own size, for val and crops alike, whichever the probe fits
+    better on (`choose_measured_size`): upscaling helped sign_digits (100 px: 0.9992 at 224 px against
+    0.9959 at 160) and cost eurosat10 (64 px: 0.9608 against 0.9667), and the probe ranked the two sizes as
+    the runs did on both (docs/recipes.md, nineteenth pass). Until then the decision is "pending" and the
+    crop size stands. Sizes given on the command line, fixed mode (no crops) and data that are not files
     keep the backbone's sizes."""
     train_size = default_train_size(eval_size)
     if cfg.image_size is not None or cfg.train_size is not None or cfg.mode == "fixed":
@@ -116,7 +122,27 @@ def choose_image_sizes(cfg: TrainConfig, splits: Splits, eval_size: int) -> tupl
                 "why": (f"image size {train_size} px for val and training: the training images' median short side "
                         f"is {median} px, below the {train_size} px training crops, and a larger val size would "
                         f"only upscale them (--image-size sets it)") if small else None}
+    if small and measure and eval_size != train_size:
+        decision.update(pending=True, candidates=[train_size, eval_size], why=None)
     return decision["image_size"], train_size, decision
+
+
+def choose_measured_size(scores: dict[int, tuple[float, float]]) -> int:
+    """The size whose probe reached the higher val accuracy, then the lower val loss; on a tie the
+    smaller size, whose steps are cheaper. `scores`: {size: (val acc, val loss)}."""
+    return max(sorted(scores), key=lambda size: (scores[size][0], -scores[size][1]))
+
+
+def size_decision_made(decision: dict, scores: dict[int, tuple[float, float]], chosen: int) -> dict:
+    """The pending decision of choose_image_sizes, completed with the probe's measurements."""
+    median, crops = decision["median_short_side"], decision["train_size"]
+    measured = ", ".join(f"{scores[size][0]:.4f} at {size} px" for size in sorted(scores))
+    return {**{k: v for k, v in decision.items() if k != "pending"},
+            "image_size": chosen, "train_size": chosen,
+            "probe": [{"size": size, "val_acc": scores[size][0], "val_loss": scores[size][1]} for size in sorted(scores)],
+            "why": (f"image size {chosen} px for val and training: the training images' median short side is "
+                    f"{median} px, below the {crops} px training crops, and the linear probe's val acc was "
+                    f"{measured} (--image-size sets it)")}
 
 
 @dataclass
@@ -138,7 +164,8 @@ class Setup:
     progress: Callable
     excluded: dict[str, str]
     size_decision: dict | None = None
-    """How the image sizes followed the data (choose_image_sizes), for config.json; None when given."""
+    """How the image sizes followed the data (choose_image_sizes), for config.json; None when given.
+    "pending" in it: training measures the size before the probe (training._choose_image_size)."""
     freeze_decision: str | None = None
     """The line that says which layers --freeze's default keeps as pretrained, when it keeps any."""
     observers: CallbackList = field(default_factory=CallbackList)
@@ -304,7 +331,8 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
         weights_source, head_from_init = init_from_run(model, backbone, cfg, splits.classes, rt)
     seed_rank(cfg.seed, rt.rank)
     pre = Preprocessing.from_data_config(backbones.data_config(model), cfg.image_size)
-    eval_size, train_size, size_decision = choose_image_sizes(cfg, splits, pre.size)
+    measure = cfg.mode == "finetune" and cfg.head_init == "probe" and not head_from_init
+    eval_size, train_size, size_decision = choose_image_sizes(cfg, splits, pre.size, measure)
     if eval_size != pre.size:
         pre = Preprocessing.from_data_config(backbones.data_config(model), eval_size)
     # Record the sizes actually used, so config.json is complete without the backbone at hand.
@@ -316,8 +344,7 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
         model = model.to(memory_format=torch.channels_last)
     progress = progress_bar(not cfg.quiet and rt.is_main)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    decode = DecodeCache(pre.resize, pre.interpolation, cache_dir, int(cfg.decode_cache_gb * (1 << 30))) \
-        if cfg.decode_cache_gb > 0 else partial(decode_array, short_side=pre.resize, interpolation=pre.interpolation)
+    decode = _decoder(cfg, pre, cache_dir)
     if cfg.strict:
         # All or nothing, before anything is written: every image is decoded once up front. Otherwise
         # unreadable images are found by the first pass that reads them (features, or image batches)
@@ -338,6 +365,24 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
                  pre=pre, decode=decode, cache_dir=cache_dir, generator=generator, progress=progress,
                  excluded=excluded, size_decision=size_decision, freeze_decision=freeze_decision,
                  frozen_outputs=frozen_outputs)
+
+
+def _decoder(cfg: TrainConfig, pre: Preprocessing, cache_dir: Path) -> Callable:
+    return DecodeCache(pre.resize, pre.interpolation, cache_dir, int(cfg.decode_cache_gb * (1 << 30))) \
+        if cfg.decode_cache_gb > 0 else partial(decode_array, short_side=pre.resize, interpolation=pre.interpolation)
+
+
+def at_image_size(s: Setup, size: int) -> Setup:
+    """The same run with val and training crops at `size` px: its own preprocessing, decoded images,
+    feature-cache key and kept frozen output. Data, model and state are shared with `s`."""
+    cfg = replace(s.cfg, image_size=size, train_size=size)
+    pre = Preprocessing.from_data_config(backbones.data_config(s.model), size)
+    frozen_outputs = None
+    if s.frozen_outputs is not None:
+        frozen_outputs = _frozen_prefix(cfg, s.rt, s.model, s.cache_dir,
+                                        feature_key(cfg, s.rt, s.backbone, s.weights_source, pre),
+                                        leading_group_parameters(s.model, cfg.freeze))
+    return replace(s, cfg=cfg, pre=pre, decode=_decoder(cfg, pre, s.cache_dir), frozen_outputs=frozen_outputs)
 
 
 def feature_key(cfg: TrainConfig, rt, backbone: backbones.Backbone, weights_source: str, pre: Preprocessing) -> dict:

@@ -32,8 +32,9 @@ from .images import file_identity
 from .memory import release_freed_memory
 from .prefix import FrozenPrefix
 from .preprocess import EvalTransform
-from .pipeline import (Setup, Stage, build_setup, choose_run_dir, class_weights_for, ensure_writable,
-                       evaluate_by_features, full_stage, head_stage, refit_head)
+from .pipeline import (Setup, Stage, at_image_size, build_setup, choose_measured_size, choose_run_dir,
+                       class_weights_for, ensure_writable, evaluate_by_features, full_stage, head_stage, refit_head,
+                       size_decision_made)
 from .recipes import BN_CHECK_IMAGES, choose_bn_policy, fit_probe
 from .runfolder import RunFolder
 
@@ -197,8 +198,8 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None, callbacks: 
     s = replace(s, observers=CallbackList(list(callbacks) + loggers_for(cfg.log, folder.path, cfg.to_json()))
                 if s.rt.is_main else CallbackList())
     loop = _restore(s, folder, resume_state) if resume_state is not None else LoopState(started=started)
-    if resume_state is None and s.size_decision is not None and s.size_decision["small"]:
-        _say(s, s.size_decision["why"])
+    if resume_state is None and s.size_decision is not None and s.size_decision["why"]:
+        _say(s, s.size_decision["why"])  # a measured size is said once measured
     if resume_state is None and s.freeze_decision is not None:
         _say(s, s.freeze_decision)
     if resume_state is None and s.rt.is_main:
@@ -212,6 +213,8 @@ def run_training(cfg: TrainConfig, resume_state: dict | None = None, callbacks: 
     offset = 0  # epochs of the stages before the current one
     with _StopOnSigint(enabled=not s.rt.distributed) as stop:  # torchrun stops all ranks itself
         for name, epochs in _stage_specs(s.cfg):
+            if name == "full" and s.size_decision is not None and s.size_decision.get("pending"):
+                s = _choose_image_size(s, folder)
             if name == "full" and _probe_due(s, loop):
                 # Epoch 0: the linear probe, a frozen-backbone model in its own right. It is logged and
                 # competes for best like any epoch, so fine-tuning can only add to it, never take away.
@@ -340,6 +343,36 @@ def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: 
 def _probe_due(s: Setup, loop: LoopState) -> bool:
     cfg = s.cfg
     return cfg.mode == "finetune" and cfg.head_init == "probe" and loop.epoch == 0 and not s.head_from_init
+
+
+def _choose_image_size(s: Setup, folder: RunFolder) -> Setup:
+    """Images smaller than the training crops (choose_image_sizes): fit the linear probe on features at
+    each candidate size and go on at the better one, kept in s.cfg and config.json so that a resumed run
+    goes on with it. The features are those the probe reads next (the feature cache keeps both sizes'
+    for later runs); each fit starts from the run's head and generator as the probe will, so the chosen
+    size's score is the probe row's. Rank 0 decides."""
+    decision = s.size_decision
+    setups = {size: s if size == s.pre.size else at_image_size(s, size) for size in decision["candidates"]}
+    scores = {}
+    for size, candidate in setups.items():
+        train = candidate.features_of(candidate.train_items, 1, desc=f"features at {size} px")
+        val = candidate.features_of(candidate.val_items, 1, desc=f"val features at {size} px")[0]
+        generator = torch.Generator()
+        generator.set_state(s.generator.get_state())
+        _, val_stats = fit_probe(copy.deepcopy(s.model.get_classifier()), train, candidate.train_labels,
+                                 candidate.cfg, generator, val, candidate.val_labels, candidate.multi_label)
+        scores[size] = (val_stats.accuracy, val_stats.loss)
+    scores = s.rt.broadcast(scores if s.rt.is_main else None)
+    chosen = choose_measured_size(scores)
+    for size, candidate in setups.items():
+        if size != chosen:
+            candidate.frozen_outputs = None  # the other size's kept output: memory the run will not read
+    s = replace(setups[chosen], size_decision=size_decision_made(decision, scores, chosen))
+    _say(s, s.size_decision["why"])
+    if s.rt.is_main:
+        record = folder.read_config()
+        folder.write_config({**record, "config": s.cfg.to_json(), "image_size_decision": s.size_decision})
+    return s
 
 
 def _choose_bn(s: Setup, folder: RunFolder) -> None:
@@ -546,8 +579,12 @@ def _start_run_folder(s: Setup) -> Path:
     ensure_writable(folder.path)
     if s.excluded:
         folder.write_excluded(s.excluded)
+    config = cfg.to_json()
+    if s.size_decision is not None and s.size_decision.get("pending"):
+        # Not yet measured: a run resumed before _choose_image_size measures again, as this one will.
+        config.update(image_size=None, train_size=None)
     folder.write_config({
-        "config": cfg.to_json(),
+        "config": config,
         "data": {"root": str(s.splits.root.resolve()), "layout": s.splits.layout,
                  "split_folders": s.splits.split_folders, "classes": s.classes, "counts": s.splits.counts(),
                  "auto_split": s.splits.auto_split},
