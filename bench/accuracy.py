@@ -102,10 +102,10 @@ VISIONTUNE_ROWS = {
     # Candidate (2026-12-07, sixteenth pass): 8 fine-tuning epochs. The tutorial's recipe reaches 409/409 on
     # sign_digits' val in about 10 000 steps at batch 4; the default takes 260 steps at batch 32 and misses 1-2 images.
     "epochs8": ["--epochs", "8"],
-    # Candidate (2026-12-07, eighteenth pass; not taken, docs/recipes.md): training crops and val at the tutorial's
-    # 224 px on every set (the default crops at 160 px, and evaluates small images at 160): the signs of sign_digits
-    # that the default confuses differ by a few pixels of 100 px images, which reach the last stage as 5x5 cells at
-    # 160 px, 7x7 at 224.
+    # Candidate (2026-12-07, eighteenth pass; not taken as a rule, docs/recipes.md): training crops and val at the
+    # tutorial's 224 px on every set: the signs of sign_digits that the 160 px default confused differ by a few
+    # pixels of 100 px images, which reach the last stage as 5x5 cells at 160 px, 7x7 at 224. Since the nineteenth
+    # pass the default measures the size on small images with the probe, and takes 224 px on sign_digits.
     "size224": ["--image-size", "224", "--train-size", "224"],
 }
 # Earlier defaults that no flags reproduce any more: rows of recorded results only.
@@ -124,6 +124,11 @@ HISTORY_ROWS = {
     "fastai-before": "fastai's fine_tune(3) as first measured: AMD EPYC 2026-12-01 (hymenoptera, trashnet, eurosat10), "
                      "Intel Xeon 2026-12-02 (sign_digits)",
     "auto-bnauto": "--mode auto --budget 4m with the bnauto default's fine-tuning (f90a56a)",
+    # The nineteenth pass ran the default on sign_digits and eurosat10 on the AMD EPYC, and fastai beside it there.
+    "default-18th": "the default before the nineteenth pass (efec640) on sign_digits and eurosat10: small images at "
+                    "the 160 px crop size, unmeasured; Intel Xeon, 2026-12-07 11:54-12:09 UTC",
+    "fastai-intel": "fastai's fine_tune(3) on the Intel Xeon of the default-18th rows (2026-12-07 01:13-01:27 UTC "
+                    "sign_digits, 03:20-03:35 eurosat10)",
 }
 RUNNABLE = [*VISIONTUNE_ROWS, "tutorial", "fastai"]
 ROWS = [*VISIONTUNE_ROWS, *HISTORY_ROWS, "tutorial", "fastai"]
@@ -206,6 +211,8 @@ def run_visiontune(row: str, data: Path, seed: int, cache: Path) -> dict:
         result["bn_far"], result["lr"] = record["bn_decision"].get("far", False), config["lr"]
     if "ema" in record:
         result["ema_decay"] = record["ema"]["decay"]
+    if "probe" in record.get("image_size_decision", {}):  # the size measured on small images: each size's probe
+        result["size_probe"] = {str(e["size"]): e["val_acc"] for e in record["image_size_decision"]["probe"]}
     if (out / "auto.json").is_file():
         result["decision"] = json.loads((out / "auto.json").read_text())["decision"]
     shutil.rmtree(out.parent, ignore_errors=True)
@@ -251,6 +258,10 @@ def table(results: list[dict]) -> str:
                              f"{' / '.join(f'{-d:+.3f}' for d in drops)}")
             if row == "default":
                 notes.append(f"{s['runs'][0]['epochs']} epochs at {s['runs'][0]['train_size']} px")
+            if any("size_probe" in r for r in s["runs"]):
+                notes.append("size measured: probe " + " / ".join(
+                    ", ".join(f"{acc:.3f} at {size}" for size, acc in r["size_probe"].items())
+                    for r in s["runs"] if "size_probe" in r))
             if any("bn" in r for r in s["runs"]):
                 notes.append("--bn auto chose " + " / ".join(
                     f"{r.get('bn')}{', far' if r.get('bn_far') else ''} ({r.get('bn_agreement')})" for r in s["runs"]))
