@@ -337,6 +337,28 @@ def test_auto_mode_under_torchrun_plans_once_and_fine_tunes_with_ddp(odd_data, d
     assert result["loss"] == approx_loss(model_json["val_loss"])
 
 
+def test_the_default_recipe_under_torchrun_decides_as_one_process(odd_data, tiny_weights, tmp_path):
+    # The default's measurements before fine-tuning (the image size of small images, then --bn auto) read
+    # the features of every training image: a collective pass under torchrun. Each rank must take part,
+    # and the decisions must be one process's, said once.
+    settings = ["--model", "test_efficientnet", "--weights", str(tiny_weights), "--batch-size", "4",
+                "--no-channels-last", "--epochs", "1"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    done = run_torchrun(["-m", "visiontune", "train", str(odd_data), "--out", str(two), "--cache-dir",
+                         str(tmp_path / "cache-two"), *settings])
+    assert main(["train", str(odd_data), "--out", str(one), "--cache-dir", str(tmp_path / "cache-one"), "--quiet",
+                 *settings]) == 0
+    record_two, record_one = (json.loads((run / "config.json").read_text()) for run in (two, one))
+    assert record_two["processes"] == 2
+    for decision in ("image_size_decision", "bn_decision"):
+        assert record_two[decision] == record_one[decision]
+        assert done.stdout.count(record_two[decision]["why"]) == 1
+    assert record_two["image_size_decision"]["probe"][0]["size"] == 112
+    probe_two, probe_one = read_metrics(two)[0], read_metrics(one)[0]
+    assert probe_two["val_acc"] == probe_one["val_acc"]
+    assert float(probe_two["val_loss"]) == approx_loss(float(probe_one["val_loss"]))
+
+
 NAN_SCRIPT = textwrap.dedent('''
     import json, sys
     from pathlib import Path

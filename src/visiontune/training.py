@@ -379,16 +379,16 @@ def _choose_bn(s: Setup, folder: RunFolder) -> None:
     """--bn auto, before the first fine-tuning step: measure, then fix the policy (and its optimizer and
     lr) in s.cfg and config.json, so that a resumed run goes on with the same. Rank 0 decides."""
     cfg, rt = s.cfg, s.rt
+    # The probe and the head stage were fitted on cached features: those give the running statistics'
+    # predictions for free. Otherwise (a random or --init head) a forward pass does. Read on every rank:
+    # under torchrun the feature pass is collective (each rank computes its share of any missing image).
+    on_features = cfg.feature_cache and not s.head_from_init and (cfg.mode != "finetune" or cfg.head_init == "probe")
+    features = s.features_of(s.train_items, 1)[0] if on_features else None
 
     def measure() -> dict:
         # Its own generator, and the global RNG restored: the run's batches and augmentations are the
         # same whichever policy is chosen, and the same as with --bn given.
         with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-            # The probe and the head stage were fitted on cached features: those give the running
-            # statistics' predictions for free. Otherwise (a random or --init head) a forward pass does.
-            on_features = cfg.feature_cache and not s.head_from_init and (cfg.mode != "finetune"
-                                                                           or cfg.head_init == "probe")
-            features = s.features_of(s.train_items, 1)[0] if on_features else None
             picked = torch.randperm(len(s.train_items), generator=torch.Generator().manual_seed(cfg.seed))
             picked = picked[:BN_CHECK_IMAGES]  # in random order: training batches mix the classes, and so must these
             items = [s.train_items[i] for i in picked.tolist()]
