@@ -331,8 +331,8 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
         weights_source, head_from_init = init_from_run(model, backbone, cfg, splits.classes, rt)
     seed_rank(cfg.seed, rt.rank)
     pre = Preprocessing.from_data_config(backbones.data_config(model), cfg.image_size)
-    measure = cfg.mode == "finetune" and cfg.head_init == "probe" and not head_from_init
-    eval_size, train_size, size_decision = choose_image_sizes(cfg, splits, pre.size, measure)
+    eval_size, train_size, size_decision = choose_image_sizes(cfg, splits, pre.size,
+                                                              measure=starts_with_probe(cfg, head_from_init))
     if eval_size != pre.size:
         pre = Preprocessing.from_data_config(backbones.data_config(model), eval_size)
     # Record the sizes actually used, so config.json is complete without the backbone at hand.
@@ -365,6 +365,11 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
                  pre=pre, decode=decode, cache_dir=cache_dir, generator=generator, progress=progress,
                  excluded=excluded, size_decision=size_decision, freeze_decision=freeze_decision,
                  frozen_outputs=frozen_outputs)
+
+
+def starts_with_probe(cfg: TrainConfig, head_from_init: bool) -> bool:
+    """Whether fine-tuning starts from the linear probe (epoch 0): a fine-tune run whose head is new."""
+    return cfg.mode == "finetune" and cfg.head_init == "probe" and not head_from_init
 
 
 def _decoder(cfg: TrainConfig, pre: Preprocessing, cache_dir: Path) -> Callable:

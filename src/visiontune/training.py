@@ -34,7 +34,7 @@ from .prefix import FrozenPrefix
 from .preprocess import EvalTransform
 from .pipeline import (Setup, Stage, at_image_size, build_setup, choose_measured_size, choose_run_dir,
                        class_weights_for, ensure_writable, evaluate_by_features, full_stage, head_stage, refit_head,
-                       size_decision_made)
+                       size_decision_made, starts_with_probe)
 from .recipes import BN_CHECK_IMAGES, choose_bn_policy, fit_probe
 from .runfolder import RunFolder
 
@@ -341,8 +341,7 @@ def _fit_stage(s: Setup, folder: RunFolder, loop: LoopState, name: str, offset: 
 
 
 def _probe_due(s: Setup, loop: LoopState) -> bool:
-    cfg = s.cfg
-    return cfg.mode == "finetune" and cfg.head_init == "probe" and loop.epoch == 0 and not s.head_from_init
+    return starts_with_probe(s.cfg, s.head_from_init) and loop.epoch == 0
 
 
 def _choose_image_size(s: Setup, folder: RunFolder) -> Setup:
