@@ -351,9 +351,16 @@ def test_the_default_recipe_under_torchrun_decides_as_one_process(odd_data, tiny
     record_two, record_one = (json.loads((run / "config.json").read_text()) for run in (two, one))
     assert record_two["processes"] == 2
     for decision in ("image_size_decision", "bn_decision"):
-        assert record_two[decision] == record_one[decision]
         assert done.stdout.count(record_two[decision]["why"]) == 1
-    assert record_two["image_size_decision"]["probe"][0]["size"] == 112
+    # The features are computed in other batches on two ranks: losses agree to a relative tolerance,
+    # counts and choices exactly.
+    sizes_two, sizes_one = record_two["image_size_decision"], record_one["image_size_decision"]
+    assert {k: v for k, v in sizes_two.items() if k != "probe"} == {k: v for k, v in sizes_one.items() if k != "probe"}
+    scores_two, scores_one = ([(e["size"], e["val_acc"]) for e in d["probe"]] for d in (sizes_two, sizes_one))
+    assert scores_two == scores_one
+    assert [e["val_loss"] for e in sizes_two["probe"]] == [approx_loss(e["val_loss"]) for e in sizes_one["probe"]]
+    assert sizes_two["probe"][0]["size"] == 112
+    assert record_two["bn_decision"] == record_one["bn_decision"]  # an agreement is a count over 25 images
     probe_two, probe_one = read_metrics(two)[0], read_metrics(one)[0]
     assert probe_two["val_acc"] == probe_one["val_acc"]
     assert float(probe_two["val_loss"]) == approx_loss(float(probe_one["val_loss"]))

@@ -139,7 +139,8 @@ def size_decision_made(decision: dict, scores: dict[int, tuple[float, float]], c
     measured = ", ".join(f"{scores[size][0]:.4f} at {size} px" for size in sorted(scores))
     return {**{k: v for k, v in decision.items() if k != "pending"},
             "image_size": chosen, "train_size": chosen,
-            "probe": [{"size": size, "val_acc": scores[size][0], "val_loss": scores[size][1]} for size in sorted(scores)],
+            "probe": [{"size": size, "val_acc": scores[size][0], "val_loss": scores[size][1]}
+                      for size in sorted(scores)],
             "why": (f"image size {chosen} px for val and training: the training images' median short side is "
                     f"{median} px, below the {crops} px training crops, and the linear probe's val acc was "
                     f"{measured} (--image-size sets it)")}
