@@ -537,6 +537,34 @@ def test_small_images_are_trained_at_the_size_the_probe_fits_better(tiny_data, t
         assert record["config"]["image_size"] == extra.get("image_size", 160)
 
 
+def test_only_the_chosen_size_keeps_its_frozen_layers_output_on_disk(tiny_data, tiny_settings, tmp_path, monkeypatch):
+    # Both sizes' features are cached (a later run measures from them), but only the chosen size's
+    # frozen-layer output is read again (by val and the refit): the other's is not written.
+    from visiontune import training
+    from visiontune.prefix import FrozenPrefix
+
+    written = []
+    write_new = FrozenPrefix.write_new
+
+    def recording(self, identities):
+        before = self.written_images
+        write_new(self, identities)
+        if self.written_images > before:
+            written.append((self.image_shape, self.written_images - before))
+
+    monkeypatch.setattr(FrozenPrefix, "write_new", recording)
+    settings = small_image_settings(tiny_settings)
+    for forced in (112, 160):
+        written.clear()
+        monkeypatch.setattr(training, "choose_measured_size", lambda scores, size=forced: size)
+        run = visiontune.train(tiny_data, out=str(tmp_path / f"forced{forced}"),
+                               **{**settings, "cache_dir": str(tmp_path / f"cache{forced}")})
+        counts = json.loads((run.path / "config.json").read_text())["data"]["counts"]
+        train_and_val = sum(sum(counts[split].values()) for split in ("train", "val"))
+        # test_efficientnet keeps its output at a quarter of the input size: 28 px for 112, 40 for 160.
+        assert [(shape[1:], count) for shape, count in written] == [((forced // 4, forced // 4), train_and_val)]
+
+
 def test_a_run_stopped_before_the_size_is_measured_resumes_as_if_never_stopped(tiny_data, tiny_settings, tmp_path,
                                                                                monkeypatch):
     from .conftest import assert_same_run, train_stopped_at

@@ -143,6 +143,9 @@ class FrozenPrefix:
         self.image_shape: tuple[int, ...] | None = None  # one image's output, from the first split's check
         self.image_channels_last = False
         self.read_images = self.written_images = 0
+        # While True, write_new leaves the store alone (the outputs stay in memory): a candidate image
+        # size is measured before the run knows whether it will read this size's outputs again.
+        self.holding_writes = False
 
     def __bool__(self) -> bool:
         return bool(self.names) and self.budget > 0 and self.usable is not False
@@ -185,7 +188,7 @@ class FrozenPrefix:
     def write_new(self, identities: list[str]) -> None:
         """Write the outputs held for `identities` that the store does not have yet."""
         new = [i for i in dict.fromkeys(identities) if i in self.outputs and i not in self.stored]
-        if not (self.store and self.image_shape and new):
+        if not (self.store and self.image_shape and new) or self.holding_writes:
             return
         dim = int(np.prod(self.image_shape))
         writer = None
