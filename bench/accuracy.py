@@ -107,6 +107,13 @@ VISIONTUNE_ROWS = {
     # pixels of 100 px images, which reach the last stage as 5x5 cells at 160 px, 7x7 at 224. Since the nineteenth
     # pass the default measures the size on small images with the probe, and takes 224 px on sign_digits.
     "size224": ["--image-size", "224", "--train-size", "224"],
+    # Candidates (2026-12-07, twentieth pass; not taken, docs/recipes.md): cheaper 224 px fine-tuning on
+    # sign_digits, whose wall was 9 s over a third of fastai's. Val at 224 px with training crops at 192 px (a
+    # 224 px step costs about (224/192)^2 = 1.36x a 192 px one): 288 s, but 0.9976 against the tutorial's 0.9984.
+    "crop192": ["--image-size", "224", "--train-size", "192"],
+    # 224 px for the fine-tuning steps of 5 epochs at 160 px, 5 x (160/224)^2 = 2.6 epochs, rounded up:
+    # 217 s, 0.9951.
+    "size224-e3": ["--image-size", "224", "--train-size", "224", "--epochs", "3"],
 }
 # Earlier defaults that no flags reproduce any more: rows of recorded results only.
 HISTORY_ROWS = {
@@ -129,6 +136,11 @@ HISTORY_ROWS = {
                     "the 160 px crop size, unmeasured; Intel Xeon, 2026-12-07 11:54-12:09 UTC",
     "fastai-intel": "fastai's fine_tune(3) on the Intel Xeon of the default-18th rows (2026-12-07 01:13-01:27 UTC "
                     "sign_digits, 03:20-03:35 eurosat10)",
+    # The twentieth pass ran the default and fastai on sign_digits again, in one window (AMD EPYC, 22:09-23:05 UTC).
+    "default-19th": "the same default on sign_digits in the nineteenth pass's window (4501bfb, AMD EPYC, 2026-12-07 "
+                    "18:38-18:59 UTC)",
+    "fastai-19th": "fastai's fine_tune(3) on sign_digits in the nineteenth pass's window (AMD EPYC, 2026-12-07 "
+                   "19:13-19:33 UTC)",
 }
 RUNNABLE = [*VISIONTUNE_ROWS, "tutorial", "fastai"]
 ROWS = [*VISIONTUNE_ROWS, *HISTORY_ROWS, "tutorial", "fastai"]
