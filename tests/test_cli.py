@@ -31,15 +31,17 @@ def test_train_prints_epoch_lines_and_run_folder(tiny_data, tiny_settings, tmp_p
     out_dir = tmp_path / "run"
     code, out, err = run_cli(["train", str(tiny_data), "--epochs", "2", "--out", str(out_dir), *tiny_flags(tiny_settings)], capsys)
     assert code == 0, err
-    said, *lines = out.strip().splitlines()
-    # --freeze's default, from the backbone: test_efficientnet's stem and blocks 0-1 run at 1/4 resolution or finer.
-    assert said.startswith("--freeze 3: the layers up to blocks.1 (a quarter of the input resolution and finer)")
+    lines = out.strip().splitlines()
     assert lines[0].startswith("epoch 0/2 probe") and "val loss" in lines[0]  # the linear probe, printed first
-    assert lines[1].startswith("--bn auto: ")  # the BatchNorm policy measured after the probe, in one line
+    assert lines[1].startswith("--bn auto: frozen")  # the BatchNorm policy measured after the probe, in one line
+    # --freeze's default comes with the policy: with the statistics kept, test_efficientnet's stem and
+    # blocks 0-2, the layers at 1/8 of the input resolution or finer.
+    assert lines[2].startswith("--freeze 4: the layers up to blocks.2 (an eighth of the input resolution and finer, "
+                               "with BatchNorm statistics kept pretrained)")
     # The weight average's decay, derived from this data's 4 steps an epoch (at least 8 steps: 1 - 1/8).
-    assert lines[2].startswith("--ema-epochs 0.25: ") and "EMA decay 0.8750 per step" in lines[2]
-    assert lines[3].startswith("--refit-head: ")  # what val and the saved model use, said once
-    assert lines[4].startswith("epoch 1/2 full") and "val loss" in lines[4] and "lr" in lines[4]
+    assert lines[3].startswith("--ema-epochs 0.25: ") and "EMA decay 0.8750 per step" in lines[3]
+    assert lines[4].startswith("--refit-head: ")  # what val and the saved model use, said once
+    assert lines[5].startswith("epoch 1/2 full") and "val loss" in lines[5] and "lr" in lines[5]
     assert lines[-1].startswith("best epoch") and str(out_dir) in lines[-1]
     assert (out_dir / "best.safetensors").is_file()
 

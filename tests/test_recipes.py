@@ -152,8 +152,9 @@ def test_frozen_bn_policy_keeps_running_statistics(tiny_data, tiny_settings, tmp
     for k, v in original.state_dict().items():
         if "running_" in k:
             assert torch.equal(v, trained[k]), k
-    # The layers after --freeze's default (the stem and blocks 0-1) train.
-    assert not torch.equal(original.state_dict()["blocks.2.0.conv_exp.weight"], trained["blocks.2.0.conv_exp.weight"])
+    # The layers after --freeze's default with the statistics kept (the stem and blocks 0-2) train; those do not.
+    assert not torch.equal(original.state_dict()["blocks.3.0.conv_pw.weight"], trained["blocks.3.0.conv_pw.weight"])
+    assert torch.equal(original.state_dict()["blocks.2.0.conv_exp.weight"], trained["blocks.2.0.conv_exp.weight"])
 
 
 @pytest.mark.parametrize("count", [1, 3])
@@ -174,15 +175,21 @@ def test_freeze_keeps_the_first_layer_groups_as_pretrained_and_trains_the_rest(t
     assert json.loads((run.path / "config.json").read_text())["config"]["freeze"] == count
 
 
-@pytest.mark.parametrize("architecture, count, last", [("test_efficientnet", 3, "blocks.1"), ("test_resnet", 2, "layer1"),
-                                                       ("test_convnext", 2, "stages.0"), ("test_vit", 0, None)])
-def test_freeze_default_is_the_layers_at_a_quarter_resolution_or_finer(architecture, count, last):
+@pytest.mark.parametrize("architecture, bn, count, last", [
+    ("test_efficientnet", "train", 3, "blocks.1"), ("test_efficientnet", "frozen", 4, "blocks.2"),
+    ("test_resnet", "train", 2, "layer1"), ("test_resnet", "frozen", 3, "layer2"),
+    ("test_convnext", "train", 2, "stages.0"), ("test_convnext", "frozen", 3, "stages.1"),
+    ("test_vit", "train", 0, None), ("test_vit", "frozen", 0, None)])
+def test_freeze_default_is_the_layers_at_a_quarter_or_with_pretrained_statistics_an_eighth_resolution(
+        architecture, bn, count, last):
     import timm
 
-    from visiontune.recipes import high_resolution_groups, leading_group_parameters
+    from visiontune.pipeline import default_freeze
+    from visiontune.recipes import leading_group_parameters
 
     model = timm.create_model(architecture, num_classes=2)
-    assert high_resolution_groups(model) == (count, last)
+    said_count, line = default_freeze(model, bn)
+    assert said_count == count and (line is None if last is None else f"the layers up to {last} (" in line)
     frozen = {id(p) for p in leading_group_parameters(model, count)}
     # What it freezes is every parameter up to that module and nothing after it (a ViT: nothing).
     finest = [n for n, p in model.named_parameters() if id(p) in frozen]
@@ -333,10 +340,17 @@ def test_bn_auto_decision_reaches_config_and_training(tiny_data, tiny_settings, 
     assert ("--refit-head: " in said) == (policy == "frozen")  # AdamW's recipes refit the head, SGD's does not
     original, _ = build_classifier("test_efficientnet", 2, tiny_settings["weights"])
     trained = run.model.state_dict()
-    # --freeze's default keeps the stem and blocks 0-1 as pretrained whatever the policy; the policy decides the rest.
-    kept = {k: torch.equal(v, trained[k]) for k, v in original.state_dict().items() if "running_mean" in k}
-    assert all(v for k, v in kept.items() if k.startswith(("bn1.", "blocks.0.", "blocks.1.")))
-    after = [v for k, v in kept.items() if not k.startswith(("bn1.", "blocks.0.", "blocks.1."))]
+    # --freeze's default comes with the policy: the stem and blocks 0-1 (1/4 resolution and finer) where the
+    # statistics train, blocks 0-2 (1/8) where they stay pretrained; said after the policy, kept in config.json.
+    count = 4 if policy == "frozen" else 3
+    pretrained = ("conv_stem.", "bn1.", *(f"blocks.{i}." for i in range(count - 1)))
+    assert record["config"]["freeze"] == count and record["freeze_decision"].startswith(f"--freeze {count}: ")
+    assert f"{record['bn_decision']['why']}\n{record['freeze_decision']}\n" in said
+    kept = {k: torch.equal(v, trained[k]) for k, v in original.state_dict().items() if v.is_floating_point()}
+    assert all(v for k, v in kept.items() if k.startswith(pretrained))
+    assert not kept[f"blocks.{count - 1}.0.conv_pwl.weight"]  # the first group after them trains
+    # The policy decides the statistics of the rest.
+    after = [v for k, v in kept.items() if "running_mean" in k and not k.startswith(pretrained)]
     assert after and (all(after) if policy == "frozen" else not any(after))
 
 
@@ -375,12 +389,14 @@ def test_a_run_stopped_before_bn_auto_chose_its_recipe_resumes_and_chooses_it(ti
     monkeypatch.setattr(recipes, "FAR_DOMAIN_MAX_AGREEMENT", 1.01)
     settings = {k: v for k, v in tiny_settings.items() if k != "epochs"}
     train_stopped_at(monkeypatch, "_choose_bn", tiny_data, tmp_path / "r", settings)
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["config"]["epochs"] is None
+    stopped = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert stopped["epochs"] is None and stopped["freeze"] is None  # --freeze's default comes with the policy
     run = visiontune.resume(tmp_path / "r", epochs=epochs)
     expected = epochs or FAR_DOMAIN_RECIPE["epochs"]
-    assert (run.config.epochs, run.config.lr) == (expected, FAR_DOMAIN_RECIPE["lr"])
+    assert (run.config.epochs, run.config.lr, run.config.freeze) == (expected, FAR_DOMAIN_RECIPE["lr"], 4)
     assert [row["epoch"] for row in run.metrics] == list(range(expected + 1))
-    assert json.loads((run.path / "config.json").read_text())["config"]["epochs"] == expected
+    assert {k: json.loads((run.path / "config.json").read_text())["config"][k]
+            for k in ("epochs", "freeze")} == {"epochs": expected, "freeze": 4}
 
 
 def test_weight_average_follows_the_update_rule_with_a_decay_from_steps_per_epoch():
@@ -442,7 +458,7 @@ def test_val_and_the_saved_model_are_the_average(tiny_data, tiny_settings, tmp_p
     raw, average = last["model"], last["ema"]
     if ema_epochs:
         assert all(torch.equal(best[k], average[k]) for k in best)
-        assert not torch.equal(best["blocks.2.0.conv_exp.weight"], raw["blocks.2.0.conv_exp.weight"])
+        assert not torch.equal(best["blocks.3.0.conv_pw.weight"], raw["blocks.3.0.conv_pw.weight"])
     else:
         assert average is None and all(torch.equal(best[k], raw[k]) for k in best)
     # The epoch's val accuracy is the saved model's.
@@ -561,8 +577,9 @@ def test_only_the_chosen_size_keeps_its_frozen_layers_output_on_disk(tiny_data, 
                                **{**settings, "cache_dir": str(tmp_path / f"cache{forced}")})
         counts = json.loads((run.path / "config.json").read_text())["data"]["counts"]
         train_and_val = sum(sum(counts[split].values()) for split in ("train", "val"))
-        # test_efficientnet keeps its output at a quarter of the input size: 28 px for 112, 40 for 160.
-        assert [(shape[1:], count) for shape, count in written] == [((forced // 4, forced // 4), train_and_val)]
+        # Before --bn auto has decided, the probe's pass keeps the output of the most layers either policy
+        # freezes: test_efficientnet's blocks.2, at an eighth of the input size (14 px for 112, 20 for 160).
+        assert [(shape[1:], count) for shape, count in written] == [((forced // 8, forced // 8), train_and_val)]
 
 
 def test_a_run_stopped_before_the_size_is_measured_resumes_as_if_never_stopped(tiny_data, tiny_settings, tmp_path,

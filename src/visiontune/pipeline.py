@@ -24,7 +24,7 @@ from torch import nn
 
 from . import backbones, checkpoint
 from .callbacks import CallbackList
-from .config import EMA_MIN_STEPS, MODE_DEFAULTS, TrainConfig
+from .config import EMA_MIN_STEPS, FREEZE_FINEST_REDUCTION, MODE_DEFAULTS, TrainConfig
 from .data import Splits, discover, label_tensor, train_loader, val_loader
 from .engine import EvalOutput, evaluate
 from .errors import DataError, UsageError
@@ -180,6 +180,9 @@ class Setup:
     frozen_outputs: FrozenPrefix | None = None
     """--freeze's frozen layers' output, kept from the first pass that computes it (on a first run the
     probe's: those layers are the pretrained ones), for the full stage's val and refit passes."""
+    prefix_groups: int = 0
+    """How many leading layer groups `frozen_outputs` is the output of (--freeze's, or while --bn auto has
+    not decided it, the most either policy would freeze)."""
 
     def exclude(self, found: dict[str, str]) -> None:
         """Leave unreadable images out of every split from now on; every rank must pass the same ones."""
@@ -338,7 +341,7 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
         pre = Preprocessing.from_data_config(backbones.data_config(model), eval_size)
     # Record the sizes actually used, so config.json is complete without the backbone at hand.
     cfg = replace(cfg, image_size=pre.size, train_size=train_size)
-    freeze, freeze_decision = _choose_freeze(cfg, model)
+    freeze, freeze_decision, prefix_groups = _choose_freeze(cfg, model)
     cfg = replace(cfg, freeze=freeze)
     model = model.to(rt.device)
     if cfg.channels_last:
@@ -358,14 +361,14 @@ def build_setup(cfg: TrainConfig, rt: Runtime, screen_splits: tuple[str, ...] = 
                             "them (visiontune doctor DATA lists all), or drop --strict to leave them out.")
     excluded: dict[str, str] = {}
     frozen_outputs = None
-    if _keeps_frozen_outputs(cfg, rt) and cfg.mode != "fixed":
+    if _keeps_frozen_outputs(cfg, rt, prefix_groups) and cfg.mode != "fixed":
         frozen_outputs = _frozen_prefix(cfg, rt, model, cache_dir, feature_key(cfg, rt, backbone, weights_source, pre),
-                                        leading_group_parameters(model, freeze))
+                                        leading_group_parameters(model, prefix_groups))
     return Setup(cfg=cfg, rt=rt, splits=splits, model=model, backbone=backbone, weights_source=weights_source,
                  head_from_init=head_from_init,
                  pre=pre, decode=decode, cache_dir=cache_dir, generator=generator, progress=progress,
                  excluded=excluded, size_decision=size_decision, freeze_decision=freeze_decision,
-                 frozen_outputs=frozen_outputs)
+                 frozen_outputs=frozen_outputs, prefix_groups=prefix_groups)
 
 
 def starts_with_probe(cfg: TrainConfig, head_from_init: bool) -> bool:
@@ -387,7 +390,7 @@ def at_image_size(s: Setup, size: int) -> Setup:
     if s.frozen_outputs is not None:
         frozen_outputs = _frozen_prefix(cfg, s.rt, s.model, s.cache_dir,
                                         feature_key(cfg, s.rt, s.backbone, s.weights_source, pre),
-                                        leading_group_parameters(s.model, cfg.freeze))
+                                        leading_group_parameters(s.model, s.prefix_groups))
     return replace(s, cfg=cfg, pre=pre, decode=_decoder(cfg, pre, s.cache_dir), frozen_outputs=frozen_outputs)
 
 
@@ -413,22 +416,38 @@ def frozen_output_store(cfg: TrainConfig, rt, cache_dir: Path, key: dict, names:
     return FeatureCache(cache_dir, {**key, "frozen_output_of": names})
 
 
-def _keeps_frozen_outputs(cfg: TrainConfig, rt) -> bool:
+def _keeps_frozen_outputs(cfg: TrainConfig, rt, groups: int | None) -> bool:
     # Under torchrun each rank evaluates its own shard of the images: they go through the whole model.
-    return bool(cfg.freeze) and cfg.frozen_cache_gb > 0 and not rt.distributed
+    return bool(groups) and cfg.frozen_cache_gb > 0 and not rt.distributed
 
 
-def _choose_freeze(cfg: TrainConfig, model: nn.Module) -> tuple[int, str | None]:
-    """--freeze as given (checked against the model before any work), or its default from the model."""
+def _choose_freeze(cfg: TrainConfig, model: nn.Module) -> tuple[int | None, str | None, int]:
+    """--freeze as given (checked against the model before any work), or its default for the BatchNorm
+    policy (default_freeze); with --bn auto still to measure, None until it has. Also how many groups the
+    kept frozen output (FrozenPrefix) starts after until then: the most that either policy freezes, since
+    the full stage starts a fresh one when it freezes fewer, and with trained statistics (no refit) that
+    is one pass over the val images."""
     if cfg.freeze is not None:
         leading_group_parameters(model, cfg.freeze)  # too many groups: one sentence now, not after the probe
-        return cfg.freeze, None
-    count, last = high_resolution_groups(model)
+        return cfg.freeze, None, cfg.freeze
+    if cfg.bn in FREEZE_FINEST_REDUCTION:
+        count, line = default_freeze(model, cfg.bn)
+        return count, line, count
+    return None, None, max(high_resolution_groups(model, r)[0] for r in FREEZE_FINEST_REDUCTION.values())
+
+
+def default_freeze(model: nn.Module, bn: str) -> tuple[int, str | None]:
+    """--freeze's default under BatchNorm policy `bn` (config.FREEZE_FINEST_REDUCTION), and the line that
+    says it (None when it freezes nothing)."""
+    reduction = FREEZE_FINEST_REDUCTION[bn]
+    count, last = high_resolution_groups(model, reduction)
     if count == 0:
         return 0, None
-    return count, (f"--freeze {count}: the layers up to {last} (a quarter of the input resolution and finer) keep "
-                   "their pretrained weights and BatchNorm statistics while the rest fine-tunes: their generic "
-                   "features stay, each step is cheaper (--freeze 0 trains every layer)")
+    share = {4: "a quarter", 8: "an eighth"}.get(reduction, f"1/{reduction}")
+    policy = "statistics kept pretrained" if bn == "frozen" else "statistics that train"
+    return count, (f"--freeze {count}: the layers up to {last} ({share} of the input resolution and finer, with "
+                   f"BatchNorm {policy}) keep their pretrained weights and BatchNorm statistics while the rest "
+                   "fine-tunes: their generic features stay, each step is cheaper (--freeze 0 trains every layer)")
 
 
 @dataclass
@@ -596,7 +615,7 @@ def full_stage(s: Setup, epochs: int) -> Stage:
     if prefix is not None and prefix.names == frozen_module_names(model):
         # The stage reads the val images' output, and the training images' only to refit the head.
         prefix.keep_only({file_identity(p) for p, _ in s.val_items + (s.train_items if cfg.refit_head else [])})
-    elif _keeps_frozen_outputs(cfg, s.rt):
+    elif _keeps_frozen_outputs(cfg, s.rt, cfg.freeze):
         prefix = _frozen_prefix(cfg, s.rt, model, s.cache_dir, s.feature_key)
     else:
         prefix = None

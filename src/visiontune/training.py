@@ -33,8 +33,8 @@ from .memory import release_freed_memory
 from .prefix import FrozenPrefix
 from .preprocess import EvalTransform
 from .pipeline import (Setup, Stage, at_image_size, build_setup, choose_measured_size, choose_run_dir,
-                       class_weights_for, ensure_writable, evaluate_by_features, full_stage, head_stage, refit_head,
-                       size_decision_made, starts_with_probe)
+                       class_weights_for, default_freeze, ensure_writable, evaluate_by_features, full_stage, head_stage,
+                       refit_head, size_decision_made, starts_with_probe)
 from .recipes import BN_CHECK_IMAGES, choose_bn_policy, fit_probe
 from .runfolder import RunFolder
 
@@ -414,6 +414,10 @@ def _choose_bn(s: Setup, folder: RunFolder) -> None:
 
     decision = rt.broadcast(measure() if rt.is_main else None)
     s.cfg = cfg.with_bn_policy(decision["bn"], decision.get("far", False))
+    freeze_line = None
+    if s.cfg.freeze is None:  # --freeze's default comes with the policy
+        count, freeze_line = default_freeze(s.model, s.cfg.bn)
+        s.cfg = replace(s.cfg, freeze=count)
     if decision["agreement"] is None:
         why = "the backbone has no BatchNorm"
     else:
@@ -425,9 +429,12 @@ def _choose_bn(s: Setup, folder: RunFolder) -> None:
     decision["why"] = (f"--bn auto: {decision['bn']} ({s.cfg.optimizer} lr {s.cfg.lr:g}, {s.cfg.epochs} epochs): "
                        f"{why}")
     _say(s, decision["why"])
+    if freeze_line is not None:
+        _say(s, freeze_line)
     if rt.is_main:
         record = folder.read_config()
-        folder.write_config({**record, "config": s.cfg.to_json(), "bn_decision": decision})
+        folder.write_config({**record, "config": s.cfg.to_json(), "bn_decision": decision,
+                             **({"freeze_decision": freeze_line} if freeze_line is not None else {})})
 
 
 def _say_weight_average(s: Setup, folder: RunFolder, stage: Stage) -> None:
