@@ -78,9 +78,10 @@ def leading_group_parameters(model: nn.Module, count: int) -> list[nn.Parameter]
     return [named[n] for names in below_head[:count] for n in names]
 
 
-def high_resolution_groups(model: nn.Module, finest_reduction: int = 4) -> tuple[int, str | None]:
-    """The default of --freeze: how many of the model's layer groups (leading_group_parameters' count)
-    run at 1/`finest_reduction` of the input resolution or finer, and the last module among them.
+def high_resolution_groups(model: nn.Module, finest_reduction: int) -> tuple[int, str | None]:
+    """How many of the model's layer groups (leading_group_parameters' count) run at 1/`finest_reduction`
+    of the input resolution or finer, and the last module among them: --freeze's default, at the
+    reduction the BatchNorm policy sets (pipeline.default_freeze).
     These layers hold the most generic features (edges, colours) and the largest activations, whose
     backward pass is the dearest per parameter. A model without timm's feature_info and group_matcher
     freezes nothing."""
