@@ -96,6 +96,9 @@ VISIONTUNE_ROWS = {
     "freeze3": ["--freeze", "3"],
     # The eleventh pass's default (every layer trains), run beside the twelfth's for same-hour walls.
     "freeze0": ["--freeze", "0"],
+    # Candidate (2026-12-07, twenty-first pass): one stage more kept pretrained (blocks.2, stride 8): a step at
+    # 0.87x of --freeze 3's (bench/freeze_step.py), and a first epoch that moves fewer layers.
+    "freeze4": ["--freeze", "4"],
     # The twelfth pass's default without the thirteenth's kept output of the frozen layers: the same numbers, every
     # val (and refit) pass through the whole model; run beside the default for same-hour walls.
     "whole": ["--frozen-cache-gb", "0"],
@@ -141,6 +144,12 @@ HISTORY_ROWS = {
                     "18:38-18:59 UTC)",
     "fastai-19th": "fastai's fine_tune(3) on sign_digits in the nineteenth pass's window (AMD EPYC, 2026-12-07 "
                    "19:13-19:33 UTC)",
+    # The twenty-first pass ran the default on every set, and fastai on three, in one window (AMD EPYC, 2026-12-08).
+    "default-20th": "the default before the twenty-first pass (to 1d139b5: --freeze 3 whatever the BatchNorm policy); "
+                    "sign_digits and eurosat10 on the AMD EPYC (2026-12-07 18:38-22:58 UTC), hymenoptera and trashnet "
+                    "on the Intel Xeon (11:43-11:54 UTC)",
+    "fastai-20th": "fastai's fine_tune(3) beside the default-20th rows: sign_digits on the AMD EPYC (2026-12-07 "
+                   "22:30-22:50 UTC), hymenoptera and trashnet on the Intel Xeon (11:44-11:54 UTC)",
 }
 RUNNABLE = [*VISIONTUNE_ROWS, "tutorial", "fastai"]
 ROWS = [*VISIONTUNE_ROWS, *HISTORY_ROWS, "tutorial", "fastai"]

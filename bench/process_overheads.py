@@ -3,7 +3,8 @@ Python's own behaviour in the same script on this machine:
 
 1. Training steps with glibc's default allocator (it unmaps freed blocks above its mmap threshold, at most
    32 MiB, and faults them in again, zeroed, on the next step) against memory.reuse_freed_memory (freed
-   blocks up to 1 GiB are reused). The default backbone with the default --freeze, batch 32 at 160 px,
+   blocks up to 1 GiB are reused). The default backbone with the default --freeze of AdamW's recipe (pretrained
+   BatchNorm statistics), batch 32 at 160 px,
    channels-last, AdamW: 2 warm-up steps, then 8 timed, in a fresh process per variant, interleaved 3
    times; glibc's default is had by setting GLIBC_TUNABLES (reuse_freed_memory leaves a process whose
    user set glibc's malloc variables alone). Target: the median step with reuse <= 0.95x glibc's default.
@@ -28,7 +29,7 @@ STEPS_CHILD = r"""
 import json, resource, time
 import torch
 from visiontune.backbones import build_classifier
-from visiontune.config import DEFAULT_BACKBONE
+from visiontune.config import DEFAULT_BACKBONE, FREEZE_FINEST_REDUCTION
 from visiontune.memory import reuse_freed_memory
 from visiontune.recipes import high_resolution_groups, leading_group_parameters
 
@@ -36,7 +37,7 @@ applied = reuse_freed_memory()
 torch.manual_seed(0)
 model, _ = build_classifier(DEFAULT_BACKBONE, 10, None)
 model = model.to(memory_format=torch.channels_last).train()
-count, _ = high_resolution_groups(model)
+count, _ = high_resolution_groups(model, FREEZE_FINEST_REDUCTION["frozen"])  # AdamW's: statistics kept
 for p in leading_group_parameters(model, count):
     p.requires_grad_(False)
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
